@@ -1,0 +1,236 @@
+"""MLflow tracking for pipeline stages: one parent run per pipeline execution, one child run per stage.
+
+Stage scripts are the only callers; library functions stay free of MLflow so they can be tested alone.
+
+Store: `MLFLOW_TRACKING_URI` if set (a team server), else `sqlite:///<DVC_ROOT>/mlflow.db` with artifacts
+in `<DVC_ROOT>/mlartifacts`. DVC sets `DVC_ROOT` for every stage, also for `dvc exp run --temp` and queued
+experiments that run in a temporary copy of the repo, so their runs land in the user's store.
+
+Grouping: stages of one execution share a parent run, found by the tag `drywall_qa.pipeline_key`:
+- under `dvc exp run`: the experiment name (`DVC_EXP_NAME`);
+- under `dvc repro`: git commit + params hash + the id of the `dvc` process running the stages;
+- a stage run by hand (no dvc process): git commit + params hash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import mlflow
+import psutil
+from mlflow.tracking import MlflowClient
+
+from drywall_qa.params import flatten
+
+PIPELINE_KEY_TAG = "drywall_qa.pipeline_key"
+PARENT_TAG = "drywall_qa.role"
+DEFAULT_EXPERIMENT = "drywall-qa"
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The MLflow tracking store cannot be reached; raised before any work starts."""
+
+
+def repo_root() -> Path:
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    configured = os.environ.get("MLFLOW_TRACKING_URI")
+    if configured:
+        return configured
+    return f"sqlite:///{(root or repo_root()) / 'mlflow.db'}"
+
+
+def redact_uri(uri: str) -> str:
+    """Hide credentials embedded in a URI (`https://user:token@host`) before it is printed or logged."""
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+    return uri
+
+
+def git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def params_hash(params: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def dvc_execution_id() -> str | None:
+    """Identify the `dvc repro`/`dvc exp run` process that runs this stage, if any.
+
+    Every stage of one execution is a descendant of the same dvc process, so its pid and start
+    time name the execution.
+    """
+    with contextlib.suppress(psutil.Error):
+        for ancestor in psutil.Process().parents():
+            cmdline = " ".join(ancestor.cmdline()[:3])
+            if re.search(r"(^|[/\s])dvc(\s|$)", cmdline):
+                return f"{ancestor.pid}-{int(ancestor.create_time())}"
+    return None
+
+
+def pipeline_key(commit: str, all_params: dict[str, Any]) -> str:
+    exp_name = os.environ.get("DVC_EXP_NAME")
+    if exp_name:
+        return f"exp:{exp_name}"
+    key = f"{commit[:12]}-{params_hash(all_params)}"
+    execution = dvc_execution_id()
+    return f"{key}-dvc{execution}" if execution else key
+
+
+def _check_reachable(uri: str) -> None:
+    """Fail at stage start, not after an hour of training, when a tracking server is down."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        response = requests.get(uri.rstrip("/") + "/health", timeout=5)
+        response.raise_for_status()
+    except requests.RequestException as error:
+        raise TrackingUnavailableError(
+            f"MLflow tracking server {redact_uri(uri)} is unreachable ({type(error).__name__}); "
+            "start it or unset MLFLOW_TRACKING_URI to use the local sqlite store"
+        ) from None
+
+
+def configure(experiment: str = DEFAULT_EXPERIMENT) -> str:
+    """Point MLflow at the project's store and experiment; returns the experiment id."""
+    root = repo_root()
+    uri = tracking_uri(root)
+    project_store = not os.environ.get("MLFLOW_TRACKING_URI")  # read first: set_tracking_uri sets it
+    _check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    if project_store and mlflow.get_experiment_by_name(experiment) is None:
+        artifact_root = (root / "mlartifacts").as_uri()
+        mlflow.create_experiment(experiment, artifact_location=artifact_root)
+    return mlflow.set_experiment(experiment).experiment_id
+
+
+def _parent_run_id(client: MlflowClient, experiment_id: str, key: str, tags: dict[str, str]) -> str:
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{PIPELINE_KEY_TAG}` = '{key}' and tags.`{PARENT_TAG}` = 'pipeline'",
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
+    if found:
+        return found[0].info.run_id
+    run_name = os.environ.get("DVC_EXP_NAME") or f"pipeline {key[:21]}"
+    run = client.create_run(
+        experiment_id,
+        run_name=run_name,
+        tags={PIPELINE_KEY_TAG: key, PARENT_TAG: "pipeline", **tags},
+    )
+    return run.info.run_id
+
+
+def _log_params(params: dict[str, Any]) -> None:
+    flat = {key: str(value)[:6000] for key, value in flatten(params).items()}
+    if flat:
+        mlflow.log_params(flat)
+
+
+@contextlib.contextmanager
+def stage_run(
+    stage: str,
+    params: dict[str, Any],
+    all_params: dict[str, Any] | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    tags: dict[str, str] | None = None,
+) -> Iterator[mlflow.ActiveRun]:
+    """Open the child run of `stage` under this pipeline execution's parent run.
+
+    `params` are the keys this stage depends on (logged on the child); `all_params` (the whole
+    params.yaml) are logged once on the parent and define the grouping hash.
+    """
+    experiment_id = configure(experiment)
+    root = repo_root()
+    commit = git_commit(root)
+    everything = all_params if all_params is not None else params
+    key = pipeline_key(commit, everything)
+    common_tags = {
+        "git_commit": commit,
+        "params_hash": params_hash(everything),
+        "DVC_EXP_NAME": os.environ.get("DVC_EXP_NAME", ""),
+        "DVC_EXP_BASELINE_REV": os.environ.get("DVC_EXP_BASELINE_REV", ""),
+        **(tags or {}),
+    }
+    client = MlflowClient()
+    parent_id = _parent_run_id(client, experiment_id, key, common_tags)
+    if all_params is not None and not client.get_run(parent_id).data.params:
+        with mlflow.start_run(run_id=parent_id):
+            _log_params(all_params)
+    stage_tags = {**common_tags, "DVC_STAGE": os.environ.get("DVC_STAGE", stage), "stage": stage}
+    with mlflow.start_run(run_name=stage, parent_run_id=parent_id, tags=stage_tags) as run:
+        _log_params(params)
+        started = time.perf_counter()
+        yield run
+        mlflow.log_metric("stage_seconds", time.perf_counter() - started)
+    client.set_terminated(parent_id, status="FINISHED")
+
+
+def log_dataset(path: str | Path, name: str, context: str, digest: str | None = None) -> None:
+    """Log a file or folder as an MLflow dataset input of the active run.
+
+    The digest is DVC's hash of the path when dvc.lock records it, else a content hash.
+    """
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    path = Path(path)
+    dataset = MetaDataset(
+        source=resolve_dataset_source(str(path.resolve()), candidate_sources=None),
+        name=name,
+        digest=(digest or dvc_lock_digest(path.as_posix()) or content_digest(path))[:36],
+    )
+    mlflow.log_input(dataset, context=context)
+
+
+def content_digest(path: Path) -> str:
+    """md5 over file names and bytes (sorted), the same idea as DVC's directory hash."""
+    digest = hashlib.md5()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        digest.update(str(file.relative_to(path.parent)).encode())
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def dvc_lock_digest(out_path: str, root: Path | None = None) -> str | None:
+    """The md5 DVC recorded in dvc.lock for an output path, if any."""
+    import yaml
+
+    lock_file = (root or repo_root()) / "dvc.lock"
+    if not lock_file.exists():
+        return None
+    lock = yaml.safe_load(lock_file.read_text()) or {}
+    for stage in (lock.get("stages") or {}).values():
+        for out in stage.get("outs") or []:
+            if out.get("path") == out_path:
+                return out.get("md5")
+    return None
