@@ -3,9 +3,7 @@ and metrics/split.json, with a seeded train/val/test split grouped by source ima
 
 from __future__ import annotations
 
-import hashlib
 import sys
-from pathlib import Path
 
 import mlflow
 
@@ -36,10 +34,7 @@ def main() -> int:
             counts = flatten(stats["datasets"]) | flatten(stats["totals"], "totals.")
             mlflow.log_metrics({key: value for key, value in counts.items() if isinstance(value, int | float)})
             mlflow.log_dict(stats, "split.json")
-            # dvc.lock still holds the previous manifest's hash while this stage runs: hash the new file
-            # (a plain md5 of its bytes, which is what DVC records for a file).
-            digest = hashlib.md5(Path(MANIFEST).read_bytes()).hexdigest()
-            log_dataset(MANIFEST, name="manifest", context="split", digest=digest)
+            log_dataset(MANIFEST, name="manifest", context="split")
     except (SplitError, TrackingUnavailableError) as error:
         print(f"split: {error}", file=sys.stderr)
         return 1

@@ -5,9 +5,16 @@ channel `L`, values exactly {0, 255}, the image's real size (read from the file)
 instance of the dataset's labelled categories; an image without annotations gets an empty mask.
 
 Accounting: every annotation and every image of the export ends up either converted or skipped with
-exactly one reason (the first defect found, in the order of the checks below), and the totals are
-checked before anything is written (`AccountingError`). Repairs that keep an annotation are counted
-as fixes (`clipped_out_of_bounds`, `bbox_fallback`, `dropped_polygon_parts`; `size_mismatch` per image).
+exactly one reason, the first defect found in this order: while parsing (`malformed`, `unknown_image`,
+`unknown_category`, `polygon_lt_3_points`, `zero_area_box`), then its image (`missing_image_file`,
+`unreadable_image`, `duplicate_image_id`), then on the image (`rle_size_mismatch`, `outside_image`,
+`no_pixels`). The totals are checked before anything is written (`AccountingError`). Repairs that
+keep an annotation are counted as fixes (`clipped_out_of_bounds`, `bbox_fallback`,
+`dropped_polygon_parts`). An image whose annotations all fail is skipped (`all_annotations_skipped`)
+rather than kept as a negative it may not be.
+
+Sizes: masks take the size of the decoded file; a COCO `width`/`height` that differs is counted
+(`size_mismatch`, per image) and annotations are drawn in the file's pixel coordinates, clipped.
 
 Duplicates: an `image_id` (file stem) seen twice in one dataset, e.g. the same file in two Roboflow
 split folders, keeps the first copy in folder order train, valid, val, test, then alphabetical; a
@@ -555,7 +562,9 @@ def convert_dataset(
     return rows, report
 
 
-def _dataset_report(export: Export, tally: DatasetTally, rows: list[dict], prompts: list[str], splits: Counter) -> dict:
+def _dataset_report(
+    export: Export, tally: DatasetTally, rows: list[dict], prompts: list[str], splits: Counter
+) -> dict:
     annotation_skips = {reason: tally.annotation_skips.get(reason, 0) for reason in ANNOTATION_SKIP_REASONS}
     unexpected = set(tally.annotation_skips) - set(ANNOTATION_SKIP_REASONS)
     if unexpected:
@@ -639,7 +648,8 @@ def convert_all(
         all_rows: list[dict] = []
         per_dataset: dict[str, dict] = {}
         for dataset in sorted(prompts):
-            rows, per_dataset[dataset] = convert_dataset(dataset, raw_dir / dataset, prompts[dataset], staging, repo_root)
+            rows, report = convert_dataset(dataset, raw_dir / dataset, prompts[dataset], staging, repo_root)
+            per_dataset[dataset] = report
             all_rows += rows
         _replace_dir(staging, masks_dir)
     finally:
@@ -653,8 +663,10 @@ def convert_all(
 
 def _totals(per_dataset: dict[str, dict]) -> dict:
     reports = per_dataset.values()
-    totals = {f"annotations_{key}": sum(r["annotations"][key] for r in reports) for key in ("seen", "converted", "skipped")}
-    totals |= {f"images_{key}": sum(r["images"][key] for r in reports) for key in ("seen", "converted", "skipped")}
+    totals: dict[str, int] = {}
+    for key in ("seen", "converted", "skipped"):
+        totals[f"annotations_{key}"] = sum(r["annotations"][key] for r in reports)
+        totals[f"images_{key}"] = sum(r["images"][key] for r in reports)
     totals["empty_masks"] = sum(r["images"]["empty_masks"] for r in reports)
     totals["masks_written"] = sum(r["masks_written"] for r in reports)
     return totals

@@ -21,6 +21,7 @@ import os
 import re
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -192,32 +193,36 @@ def stage_run(
     client.set_terminated(parent_id, status="FINISHED")
 
 
-def log_dataset(path: str | Path, name: str, context: str, digest: str | None = None) -> None:
+def log_dataset(path: str | Path, name: str, context: str) -> None:
     """Log a file or folder as an MLflow dataset input of the active run.
 
-    The digest is DVC's hash of the path when dvc.lock records it, else a content hash.
+    The digest is DVC's hash: a file's md5 (what DVC records for a file), or for a folder the
+    `.dir` hash from dvc.lock (an input from an earlier stage), else a content hash.
     """
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
     path = Path(path)
-    dataset = MetaDataset(
-        source=resolve_dataset_source(str(path.resolve()), candidate_sources=None),
-        name=name,
-        digest=(digest or dvc_lock_digest(path.as_posix()) or content_digest(path))[:36],
-    )
-    mlflow.log_input(dataset, context=context)
+    digest = file_md5(path) if path.is_file() else (dvc_lock_digest(path.as_posix()) or content_digest(path))
+    with warnings.catch_warnings():  # "source can be interpreted in multiple ways": both are local files
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(path.resolve()))
+    mlflow.log_input(MetaDataset(source=source, name=name, digest=digest[:36]), context=context)
 
 
-def content_digest(path: Path) -> str:
-    """md5 over file names and bytes (sorted), the same idea as DVC's directory hash."""
+def file_md5(path: Path) -> str:
     digest = hashlib.md5()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for file in files:
-        digest.update(str(file.relative_to(path.parent)).encode())
-        with open(file, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def content_digest(folder: Path) -> str:
+    """md5 over relative file names and their md5s, sorted."""
+    digest = hashlib.md5()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(folder).as_posix()}:{file_md5(file)}\n".encode())
     return digest.hexdigest()
 
 
