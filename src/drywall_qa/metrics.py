@@ -4,9 +4,10 @@ Every metric is computed from the four pixel counts of a (prediction, ground tru
 per-pair scores and dataset-level scores (counts summed over pairs) share one definition.
 
 Conventions (stated in the report):
-- a ratio whose numerator and denominator are both 0 counts as 1: an empty ground truth with an
-  empty prediction has IoU = Dice = 1 ("nothing to find, nothing found"); an empty ground truth with
-  a non-empty prediction has IoU = Dice = 0;
+- an empty ground truth with an empty prediction scores 1 on every metric ("nothing to find, nothing
+  found"); any other undefined ratio (0/0) scores 0: an empty ground truth with a non-empty prediction
+  has IoU = Dice = recall = 0, a prediction that finds nothing where there is something has
+  precision 0;
 - mIoU / mean Dice: the mean of per-pair scores over (image, prompt) pairs;
 - `iou_dataset` / `dice_dataset`: from intersections and unions summed over all pairs, so large
   objects weigh more and empty pairs add nothing;
@@ -38,29 +39,31 @@ class Counts:
         return self.tp + self.fp + self.fn + self.tn
 
 
-def _ratio(numerator: float, denominator: float) -> float:
-    """numerator / denominator, with 0/0 = 1 (see the module docstring)."""
-    return float(numerator / denominator) if denominator else 1.0
+def _ratio(numerator: float, denominator: float, c: Counts) -> float:
+    """numerator / denominator; 0/0 is 1 when `c` has neither ground truth nor prediction, else 0."""
+    if denominator:
+        return float(numerator / denominator)
+    return 1.0 if c.tp + c.fp + c.fn == 0 else 0.0
 
 
 def iou(c: Counts) -> float:
-    return _ratio(c.tp, c.tp + c.fp + c.fn)
+    return _ratio(c.tp, c.tp + c.fp + c.fn, c)
 
 
 def dice(c: Counts) -> float:
-    return _ratio(2 * c.tp, 2 * c.tp + c.fp + c.fn)
+    return _ratio(2 * c.tp, 2 * c.tp + c.fp + c.fn, c)
 
 
 def precision(c: Counts) -> float:
-    return _ratio(c.tp, c.tp + c.fp)
+    return _ratio(c.tp, c.tp + c.fp, c)
 
 
 def recall(c: Counts) -> float:
-    return _ratio(c.tp, c.tp + c.fn)
+    return _ratio(c.tp, c.tp + c.fn, c)
 
 
 def pixel_accuracy(c: Counts) -> float:
-    return _ratio(c.tp + c.tn, c.pixels)
+    return _ratio(c.tp + c.tn, c.pixels, c)
 
 
 def confusion_counts(pred: np.ndarray, gt: np.ndarray) -> Counts:

@@ -1,0 +1,289 @@
+"""Training data over `data/manifest.csv`: one item per image with all its prompts and masks.
+
+An item is an image (resized to the model's input size, optionally augmented, normalised with the
+processor's mean/std) together with every prompt it is trained on: the manifest's prompts of its
+dataset with their masks, and, with `negative_prompts`, the other datasets' prompts with an empty
+mask (that is what teaches the model that the prompt matters). The training loop runs the vision
+encoder once per item and the decoder once per (image, prompt) pair.
+
+Augmented views are reproducible: view `v` of image `i` is drawn with a seed derived from
+(seed, i, v), so the activation cache can store view `v` and an uncached run sees the same pixels.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+MANIFEST_COLUMNS = [
+    "dataset", "split", "image_id", "image_path", "mask_path", "prompt", "group", "width", "height", "source_split"
+]
+
+
+class ManifestError(ValueError):
+    """The manifest, or an image or mask it names, is unusable; the message names the file."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image of one split and the manifest's prompts (with their mask files) for it."""
+
+    dataset: str
+    image_id: str
+    image_path: Path
+    prompts: tuple[str, ...]
+    mask_paths: tuple[Path, ...]
+    width: int
+    height: int
+
+
+def read_manifest(path: str | Path) -> list[dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path} does not exist (run the split stage)")
+    with open(path, encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [column for column in MANIFEST_COLUMNS if column not in (reader.fieldnames or [])]
+        if missing:
+            raise ManifestError(f"{path}: missing columns {missing}; expected {MANIFEST_COLUMNS}")
+        rows = list(reader)
+    if not rows:
+        raise ManifestError(f"{path} has no rows")
+    return rows
+
+
+def prompts_by_dataset(rows: Sequence[dict[str, str]]) -> dict[str, list[str]]:
+    """Every dataset's prompts in the manifest (all splits), sorted: the training prompt set."""
+    found: dict[str, set[str]] = defaultdict(set)
+    for row in rows:
+        found[row["dataset"]].add(row["prompt"])
+    return {dataset: sorted(prompts) for dataset, prompts in sorted(found.items())}
+
+
+def image_records(rows: Sequence[dict[str, str]], split: str, root: str | Path = ".") -> list[ImageRecord]:
+    """The images of `split`, sorted by (dataset, image_id); relative paths resolve against `root`."""
+    root = Path(root)
+    grouped: dict[tuple[str, str], list[dict[str, str]]] = defaultdict(list)
+    for row in rows:
+        if row["split"] == split:
+            grouped[(row["dataset"], row["image_id"])].append(row)
+    records = []
+    for (dataset, image_id), image_rows in sorted(grouped.items()):
+        image_rows.sort(key=lambda row: row["prompt"])
+        first = image_rows[0]
+        if len({row["image_path"] for row in image_rows}) != 1:
+            raise ManifestError(f"image {dataset}/{image_id} has rows with different image paths")
+        prompts = [row["prompt"] for row in image_rows]
+        if len(set(prompts)) != len(prompts):
+            raise ManifestError(f"image {dataset}/{image_id} lists a prompt twice")
+        records.append(
+            ImageRecord(
+                dataset=dataset,
+                image_id=image_id,
+                image_path=root / first["image_path"],
+                prompts=tuple(prompts),
+                mask_paths=tuple(root / row["mask_path"] for row in image_rows),
+                width=int(first["width"]),
+                height=int(first["height"]),
+            )
+        )
+    return records
+
+
+def build_augmentation() -> A.Compose:
+    """Joint image + mask augmentation at the model's input size: flips, a small affine, photometric."""
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=0.5),
+            A.VerticalFlip(p=0.5),
+            A.Affine(
+                translate_percent=(-0.0625, 0.0625),
+                scale=(0.9, 1.1),
+                rotate=(-15, 15),
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                fill_mask=0,
+                p=0.5,
+            ),
+            A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
+        ]
+    )
+
+
+def view_seed(seed: int, index: int, view: int) -> int:
+    """The augmentation seed of view `view` of item `index`: independent of order and workers."""
+    return int(np.random.SeedSequence([seed, index, view]).generate_state(1)[0])
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class SegmentationDataset(Dataset):
+    """Items of one split, one per image: see the module docstring.
+
+    `views`: with augmentation, how many distinct views an image has (epoch `e` shows view
+    `e % views`; the activation cache stores that many); None draws a fresh view every epoch.
+    Without augmentation every epoch shows view 0. Call `set_epoch` before each epoch.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        prompts: dict[str, list[str]],
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        augment: bool,
+        negative_prompts: bool,
+        seed: int,
+        views: int | None = None,
+    ):
+        if not records:
+            raise ManifestError("the split has no images")
+        if views is not None and views < 1:
+            raise ValueError(f"views must be >= 1 or None, got {views}")
+        self.records = list(records)
+        self.prompt_list = [prompt for dataset in sorted(prompts) for prompt in prompts[dataset]]
+        self.prompt_index = {prompt: index for index, prompt in enumerate(self.prompt_list)}
+        self.prompts_of_dataset = prompts
+        self.image_size = image_size
+        self.mean = np.asarray(mean, dtype=np.float32)
+        self.std = np.asarray(std, dtype=np.float32)
+        self.augment = augment
+        self.augmentation = build_augmentation() if augment else None
+        self.negative_prompts = negative_prompts
+        self.seed = seed
+        self.views = views
+        self.epoch = 0
+        self._resized: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # decoded once, kept at image_size
+        self._hashes: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def current_view(self) -> int:
+        if not self.augment:
+            return 0
+        return self.epoch % self.views if self.views else self.epoch
+
+    def preprocessing_fingerprint(self) -> dict[str, Any]:
+        """Everything besides the image bytes and the view that decides an item's pixels."""
+        return {
+            "image_size": self.image_size,
+            "mean": [round(float(v), 6) for v in self.mean],
+            "std": [round(float(v), 6) for v in self.std],
+            "resize": "cv2-area-or-linear/nearest-mask",
+            "augmentation": self.augmentation.to_dict() if self.augmentation else None,
+            "seed": self.seed if self.augment else None,
+        }
+
+    def image_hash(self, index: int) -> str:
+        if index not in self._hashes:
+            self._hashes[index] = file_sha256(self.records[index].image_path)
+        return self._hashes[index]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.load(index, self.current_view())
+
+    def load(self, index: int, view: int) -> dict[str, Any]:
+        """Item `index` as view `view`: tensors `pixel_values [3,S,S]`, `masks [K,S,S]` (0/1 floats),
+        `prompt_index [K]` (into `prompt_list`), `positive [K]` (False for negative prompts)."""
+        record = self.records[index]
+        image, own_masks = self._load_resized(index)
+        prompts = list(record.prompts)
+        masks = own_masks
+        if self.negative_prompts:
+            negatives = [
+                prompt
+                for dataset, dataset_prompts in self.prompts_of_dataset.items()
+                if dataset != record.dataset
+                for prompt in dataset_prompts
+                if prompt not in record.prompts
+            ]
+            prompts += negatives
+            masks = np.concatenate([own_masks, np.zeros((len(negatives), *own_masks.shape[1:]), np.uint8)])
+        if self.augmentation is not None:
+            self.augmentation.set_random_seed(view_seed(self.seed, index, view))
+            out = self.augmentation(image=image, masks=list(masks))
+            image, masks = out["image"], np.stack(out["masks"])
+        pixels = (image.astype(np.float32) / 255.0 - self.mean) / self.std
+        return {
+            "pixel_values": torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))),
+            "masks": torch.from_numpy(np.ascontiguousarray(masks > 0)).float(),
+            "prompt_index": torch.tensor([self.prompt_index[p] for p in prompts], dtype=torch.long),
+            "positive": torch.tensor([p in record.prompts for p in prompts], dtype=torch.bool),
+            "index": index,
+            "view": view,
+        }
+
+    def _load_resized(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        if index not in self._resized:
+            self._resized[index] = self._read(self.records[index])
+        return self._resized[index]
+
+    def _read(self, record: ImageRecord) -> tuple[np.ndarray, np.ndarray]:
+        size = self.image_size
+        try:
+            with Image.open(record.image_path) as handle:
+                image = np.asarray(handle.convert("RGB"))
+        except (OSError, ValueError) as error:
+            raise ManifestError(f"cannot read image {record.image_path}: {error}") from error
+        height, width = image.shape[:2]
+        # INTER_AREA averages when shrinking (no aliasing); it is not meant for enlarging.
+        shrink = height >= size and width >= size
+        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        masks = []
+        for mask_path in record.mask_paths:
+            try:
+                with Image.open(mask_path) as handle:
+                    if handle.mode != "L":
+                        raise ManifestError(f"mask {mask_path} has mode {handle.mode}, expected single-channel L")
+                    mask = np.asarray(handle)
+            except OSError as error:
+                raise ManifestError(f"cannot read mask {mask_path}: {error}") from error
+            if mask.shape != (height, width):
+                raise ManifestError(f"mask {mask_path} is {mask.shape[::-1]}, its image is {(width, height)}")
+            values = np.unique(mask)
+            if not set(values.tolist()) <= {0, 255}:
+                raise ManifestError(f"mask {mask_path} has values {values[:8].tolist()}, expected only 0 and 255")
+            masks.append(cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST))
+        return image, np.stack(masks)
+
+
+def collate_pairs(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack images and flatten their (image, prompt) pairs: `image_index[k]` is pair k's image row."""
+    counts = [len(item["prompt_index"]) for item in items]
+    return {
+        "pixel_values": torch.stack([item["pixel_values"] for item in items]),
+        "masks": torch.cat([item["masks"] for item in items]),
+        "prompt_index": torch.cat([item["prompt_index"] for item in items]),
+        "positive": torch.cat([item["positive"] for item in items]),
+        "image_index": torch.repeat_interleave(torch.arange(len(items)), torch.tensor(counts)),
+        "index": torch.tensor([item["index"] for item in items]),
+        "view": torch.tensor([item["view"] for item in items]),
+    }
+
+
+def fingerprint_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()

@@ -1,0 +1,541 @@
+"""Evaluation: per-prompt thresholds chosen on val, test metrics, prediction masks, runtime and footprint.
+
+The model enters only as a `PredictFn`: `(list of PIL images, list of prompts) -> list of float32
+arrays [n_prompts, H, W]` of probabilities at each image's original size (the signature of
+`drywall_qa.inference.predict_probs` with the model bound). `run_evaluation` binds the real model;
+the functions below it take any such callable.
+
+Images are read as stored (no EXIF rotation), the orientation the ground-truth masks were drawn in.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import resource
+import shutil
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from drywall_qa.convert import write_csv_atomic, write_json_atomic
+from drywall_qa.metrics import Counts, binarize, confusion_counts, dice, iou, precision, recall, summarize, threshold_counts
+from drywall_qa.naming import mask_file_name, prompt_slug
+
+PredictFn = Callable[[list[Image.Image], list[str]], list[np.ndarray]]
+
+MANIFEST_COLUMNS = [
+    "dataset", "split", "image_id", "image_path", "mask_path", "prompt", "group", "width", "height", "source_split"
+]
+PER_IMAGE_COLUMNS = ["image_id", "dataset", "prompt", "iou", "dice", "gt_fg_fraction", "pred_fg_fraction"]
+PER_PROMPT_COLUMNS = ["prompt", "dataset", "test_miou", "test_dice", "zero_shot_miou", "threshold", "pairs"]
+SWEEP_COLUMNS = ["prompt", "threshold", "val_miou", "val_dice", "precision", "recall"]
+ZERO_SHOT_THRESHOLD = 0.5
+DECIMALS = 6  # rounding of written scores: stable files, far below any meaningful difference
+
+
+class EvaluationError(RuntimeError):
+    """Evaluation cannot run on this input; the message names the file or value at fault."""
+
+
+@dataclass
+class ManifestImage:
+    """One image of a split with the prompts (and their mask files) the manifest pairs it with."""
+
+    dataset: str
+    image_id: str
+    image_path: str
+    width: int
+    height: int
+    mask_paths: dict[str, str] = field(default_factory=dict)  # prompt -> mask path, manifest order
+
+    @property
+    def prompts(self) -> list[str]:
+        return list(self.mask_paths)
+
+
+# ---------------------------------------------------------------- reading inputs
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationError(f"{path} does not exist: run the `split` stage first")
+    manifest = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [column for column in MANIFEST_COLUMNS if column not in manifest.columns]
+    if missing:
+        raise EvaluationError(f"{path}: missing column(s) {missing}")
+    return manifest
+
+
+def split_images(manifest: pd.DataFrame, split: str) -> list[ManifestImage]:
+    """The images of one split, sorted by (dataset, image_id), each with its prompts."""
+    images: dict[tuple[str, str], ManifestImage] = {}
+    for row in manifest[manifest["split"] == split].itertuples(index=False):
+        key = (row.dataset, row.image_id)
+        if key not in images:
+            images[key] = ManifestImage(row.dataset, row.image_id, row.image_path, int(row.width), int(row.height))
+        images[key].mask_paths[row.prompt] = row.mask_path
+    return [images[key] for key in sorted(images)]
+
+
+def load_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise EvaluationError(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise EvaluationError(f"image {path} cannot be read: {error}") from None
+
+
+def load_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """A ground-truth mask as a boolean array; checks the mask contract (L, {0, 255}, image size)."""
+    try:
+        with Image.open(path) as image:
+            mode, mask = image.mode, np.asarray(image)
+    except FileNotFoundError:
+        raise EvaluationError(f"mask {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise EvaluationError(f"mask {path} cannot be read: {error}") from None
+    if mode != "L" or (mask.shape[1], mask.shape[0]) != size:
+        raise EvaluationError(f"mask {path} is {mode} {mask.shape[1]}x{mask.shape[0]}, expected L {size[0]}x{size[1]}")
+    if not np.isin(mask, (0, 255)).all():
+        raise EvaluationError(f"mask {path} has values other than 0 and 255")
+    return mask == 255
+
+
+def predict_images(
+    predict_fn: PredictFn,
+    images: Sequence[ManifestImage],
+    prompts_of: Callable[[ManifestImage], list[str]],
+    repo_root: Path,
+    chunk_size: int,
+) -> Iterator[tuple[ManifestImage, list[str], np.ndarray]]:
+    """Yield (image, prompts, probabilities [n_prompts, H, W]) image by image.
+
+    Images go to `predict_fn` in chunks of images sharing one prompt list, so memory holds one
+    chunk of probability maps at a time.
+    """
+    pending: list[ManifestImage] = []
+
+    def flush() -> Iterator[tuple[ManifestImage, list[str], np.ndarray]]:
+        prompts = prompts_of(pending[0])
+        pil_images = [load_image(repo_root / item.image_path) for item in pending]
+        for item, pil in zip(pending, pil_images, strict=True):
+            if pil.size != (item.width, item.height):
+                raise EvaluationError(
+                    f"image {item.image_path} is {pil.size[0]}x{pil.size[1]}, the manifest says {item.width}x{item.height}"
+                )
+        outputs = predict_fn(pil_images, prompts)
+        if len(outputs) != len(pending):
+            raise EvaluationError(f"the model returned {len(outputs)} outputs for {len(pending)} images")
+        for item, probs in zip(pending, outputs, strict=True):
+            expected = (len(prompts), item.height, item.width)
+            if tuple(probs.shape) != expected:
+                raise EvaluationError(f"the model returned {tuple(probs.shape)} for {item.image_id}, expected {expected}")
+            yield item, prompts, probs
+        pending.clear()
+
+    for image in images:
+        if pending and (len(pending) >= chunk_size or prompts_of(image) != prompts_of(pending[0])):
+            yield from flush()
+        pending.append(image)
+    if pending:
+        yield from flush()
+
+
+# ---------------------------------------------------------------- thresholds on val
+
+
+def sweep_thresholds(
+    predict_fn: PredictFn,
+    images: Sequence[ManifestImage],
+    thresholds: Sequence[float],
+    repo_root: str | Path = ".",
+    chunk_size: int = 8,
+) -> dict[str, list[list[Counts]]]:
+    """For every prompt: per (image, prompt) pair, the pixel counts at each threshold."""
+    repo_root = Path(repo_root)
+    counts: dict[str, list[list[Counts]]] = defaultdict(list)
+    for image, prompts, probs in predict_images(predict_fn, images, lambda i: i.prompts, repo_root, chunk_size):
+        for prompt, prob in zip(prompts, probs, strict=True):
+            gt = load_mask(repo_root / image.mask_paths[prompt], (image.width, image.height))
+            counts[prompt].append(threshold_counts(prob, gt, thresholds))
+    return dict(counts)
+
+
+def choose_thresholds(
+    sweep: dict[str, list[list[Counts]]], thresholds: Sequence[float]
+) -> tuple[dict[str, float], list[dict]]:
+    """Per prompt, the threshold with the highest val mIoU, and the sweep table.
+
+    Ties go to the threshold closest to 0.5, then the lower one, so a flat curve (e.g. a model that
+    predicts nothing at any threshold) gives the neutral choice.
+    """
+    if not thresholds:
+        raise EvaluationError("evaluate.thresholds is empty")
+    chosen: dict[str, float] = {}
+    rows: list[dict] = []
+    for prompt in sorted(sweep):
+        pairs = sweep[prompt]
+        if not pairs:
+            raise EvaluationError(f"no val pairs for prompt {prompt!r}: cannot choose its threshold")
+        scores = []
+        for index, threshold in enumerate(thresholds):
+            per_pair = [pair[index] for pair in pairs]
+            total = sum(per_pair, Counts(0, 0, 0, 0))
+            row = {
+                "prompt": prompt,
+                "threshold": float(threshold),
+                "val_miou": float(np.mean([iou(c) for c in per_pair])),
+                "val_dice": float(np.mean([dice(c) for c in per_pair])),
+                "precision": precision(total),
+                "recall": recall(total),
+            }
+            rows.append(row)
+            scores.append((row["val_miou"], -abs(threshold - 0.5), -threshold))
+        chosen[prompt] = float(thresholds[max(range(len(thresholds)), key=scores.__getitem__)])
+    return chosen, rows
+
+
+# ---------------------------------------------------------------- scoring a split
+
+
+@dataclass
+class SplitScores:
+    pairs: list[dict]  # one per (image, own prompt): PER_IMAGE_COLUMNS + "counts"
+    cross_prompt_fg: list[float]  # predicted foreground fraction of (image, other dataset's prompt) pairs
+
+
+def score_split(
+    predict_fn: PredictFn,
+    images: Sequence[ManifestImage],
+    thresholds: dict[str, float] | float,
+    all_prompts: Sequence[str] = (),
+    predictions_dir: str | Path | None = None,
+    repo_root: str | Path = ".",
+    chunk_size: int = 8,
+) -> SplitScores:
+    """Score each image under its own prompts; also predict `all_prompts` the image does not own.
+
+    `thresholds` is one threshold or one per prompt. With `predictions_dir`, every binarised
+    prediction (own and other prompts) is written there as `<dataset>/<image_id>__<prompt_slug>.png`.
+    """
+    repo_root = Path(repo_root)
+    threshold_of = (lambda p: thresholds[p]) if isinstance(thresholds, dict) else (lambda p: float(thresholds))
+    extra = list(dict.fromkeys(all_prompts))
+
+    def prompts_of(image: ManifestImage) -> list[str]:
+        return image.prompts + [p for p in extra if p not in image.mask_paths]
+
+    scores = SplitScores([], [])
+    for image, prompts, probs in predict_images(predict_fn, images, prompts_of, repo_root, chunk_size):
+        for prompt, prob in zip(prompts, probs, strict=True):
+            try:
+                pred = binarize(prob, threshold_of(prompt))
+            except KeyError:
+                raise EvaluationError(f"no threshold for prompt {prompt!r}") from None
+            if predictions_dir is not None:
+                write_mask(Path(predictions_dir) / image.dataset / mask_file_name(image.image_id, prompt), pred)
+            if prompt not in image.mask_paths:
+                scores.cross_prompt_fg.append(float(pred.mean()))
+                continue
+            gt = load_mask(repo_root / image.mask_paths[prompt], (image.width, image.height))
+            counts = confusion_counts(pred, gt)
+            scores.pairs.append(
+                {
+                    "image_id": image.image_id,
+                    "dataset": image.dataset,
+                    "prompt": prompt,
+                    "iou": iou(counts),
+                    "dice": dice(counts),
+                    "gt_fg_fraction": (counts.tp + counts.fn) / counts.pixels,
+                    "pred_fg_fraction": (counts.tp + counts.fp) / counts.pixels,
+                    "counts": counts,
+                }
+            )
+    return scores
+
+
+def write_mask(path: Path, mask: np.ndarray) -> None:
+    """A boolean mask as the mask contract: single-channel L PNG, values {0, 255}."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(path)
+
+
+def summary_metrics(pairs: list[dict], prefix: str) -> dict[str, float]:
+    """Flat metrics of scored pairs: overall, per dataset and per prompt (slug), under `prefix`."""
+    if not pairs:
+        raise EvaluationError(f"no scored pairs for {prefix!r}")
+    metrics = {f"{prefix}.{key}": value for key, value in summarize(p["counts"] for p in pairs).items()}
+    for column, name_of in (("dataset", str), ("prompt", prompt_slug)):
+        for value in sorted({p[column] for p in pairs}):
+            subset = summarize(p["counts"] for p in pairs if p[column] == value)
+            metrics |= {f"{prefix}.{name_of(value)}.{key}": score for key, score in subset.items()}
+    return metrics
+
+
+# ---------------------------------------------------------------- runtime and footprint
+
+
+def measure_runtime(
+    predict_fn: PredictFn, images: list[Image.Image], one_prompt: list[str], all_prompts: list[str], warmup: int = 3
+) -> dict[str, float]:
+    """Latency per image, one image per call, for one prompt and for all prompts, and batched throughput
+    over the same images with all prompts.
+
+    Latency covers preprocessing to full-size probabilities (file reading excluded) and is the median
+    over the images, after `warmup` calls of each kind (lazy initialisation, allocator, kernel choice),
+    so one slow call on a shared machine does not decide it.
+    """
+    if not images:
+        raise EvaluationError("no images to time")
+    for prompts in (one_prompt, all_prompts):
+        for image in images[:warmup]:
+            predict_fn([image], prompts)
+
+    def ms_per_image(prompts: list[str]) -> float:
+        seconds = []
+        for image in images:
+            started = time.perf_counter()
+            predict_fn([image], prompts)
+            seconds.append(time.perf_counter() - started)
+        return 1000 * float(np.median(seconds))
+
+    one, every = ms_per_image(one_prompt), ms_per_image(all_prompts)
+    started = time.perf_counter()
+    predict_fn(images, all_prompts)
+    batched = time.perf_counter() - started
+    return {
+        "runtime.ms_per_image_1_prompt": one,
+        "runtime.ms_per_image_all_prompts": every,
+        "runtime.images_per_s": len(images) / batched,
+        "runtime.timing_images": len(images),
+        "runtime.n_prompts_all": len(all_prompts),
+    }
+
+
+def folder_bytes(path: str | Path) -> int:
+    path = Path(path)
+    if not path.is_dir():
+        raise EvaluationError(f"model folder {path} does not exist")
+    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def device_name(device: Any) -> str:
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return device.type
+
+
+# ---------------------------------------------------------------- the whole evaluation
+
+
+@dataclass
+class EvaluationResult:
+    metrics: dict[str, Any]
+    per_image: list[dict]
+    per_prompt: list[dict]
+    sweep: list[dict]
+    thresholds: dict[str, float]
+
+
+def evaluate_predictions(
+    predict_fn: PredictFn,
+    manifest: pd.DataFrame,
+    all_prompts: Sequence[str],
+    thresholds: Sequence[float],
+    predictions_dir: str | Path | None,
+    repo_root: str | Path = ".",
+    chunk_size: int = 8,
+) -> EvaluationResult:
+    """Choose a threshold per prompt on val, score test with it, write the test predictions.
+
+    Test images are also predicted under the prompts of the other datasets (their masks are
+    written too; `cross_prompt.*` measures how much foreground those prompts produce).
+    """
+    unknown = sorted(set(manifest["prompt"]) - set(all_prompts))
+    if unknown:
+        raise EvaluationError(f"manifest prompts {unknown} are not in params.yaml `prompts`: re-run `split`")
+    val, test = split_images(manifest, "val"), split_images(manifest, "test")
+    for name, images in (("val", val), ("test", test)):
+        if not images:
+            raise EvaluationError(f"the manifest has no {name} images")
+    missing_val = sorted(set(all_prompts) - {p for image in val for p in image.prompts})
+    if missing_val:
+        raise EvaluationError(f"no val pairs for prompt(s) {missing_val}: cannot choose their thresholds")
+
+    sweep = sweep_thresholds(predict_fn, val, thresholds, repo_root, chunk_size)
+    chosen, sweep_rows = choose_thresholds(sweep, thresholds)
+    metrics: dict[str, Any] = {f"threshold.{prompt_slug(p)}": t for p, t in chosen.items()}
+    metrics |= summary_metrics(_val_pairs_at(sweep, chosen, thresholds), "val")
+
+    test_scores = score_split(predict_fn, test, chosen, all_prompts, predictions_dir, repo_root, chunk_size)
+    metrics |= summary_metrics(test_scores.pairs, "test")
+    if test_scores.cross_prompt_fg:
+        fg = np.asarray(test_scores.cross_prompt_fg)
+        metrics["cross_prompt.test.pred_fg_fraction"] = float(fg.mean())
+        metrics["cross_prompt.test.empty_rate"] = float((fg == 0).mean())
+        metrics["cross_prompt.test.pairs"] = int(fg.size)
+
+    per_prompt = []
+    for dataset, prompt in sorted({(p["dataset"], p["prompt"]) for p in test_scores.pairs}):
+        slug = prompt_slug(prompt)
+        per_prompt.append(
+            {
+                "prompt": prompt,
+                "dataset": dataset,
+                "test_miou": metrics[f"test.{slug}.miou"],
+                "test_dice": metrics[f"test.{slug}.dice"],
+                "zero_shot_miou": "",  # filled by add_zero_shot
+                "threshold": chosen[prompt],
+                "pairs": metrics[f"test.{slug}.pairs"],
+            }
+        )
+    per_image = [{column: pair[column] for column in PER_IMAGE_COLUMNS} for pair in test_scores.pairs]
+    return EvaluationResult(metrics, per_image, per_prompt, sweep_rows, chosen)
+
+
+def add_zero_shot(
+    result: EvaluationResult,
+    zero_shot_predict_fn: PredictFn,
+    manifest: pd.DataFrame,
+    repo_root: str | Path = ".",
+    chunk_size: int = 8,
+) -> None:
+    """Score test with the untrained model at threshold 0.5 into `zero_shot.test.*` and the per-prompt rows."""
+    test = split_images(manifest, "test")
+    pairs = score_split(zero_shot_predict_fn, test, ZERO_SHOT_THRESHOLD, (), None, repo_root, chunk_size).pairs
+    zero_shot = summary_metrics(pairs, "zero_shot.test")
+    result.metrics |= zero_shot
+    result.metrics["zero_shot.threshold"] = ZERO_SHOT_THRESHOLD
+    for row in result.per_prompt:
+        row["zero_shot_miou"] = zero_shot[f"zero_shot.test.{prompt_slug(row['prompt'])}.miou"]
+
+
+def _val_pairs_at(sweep: dict[str, list[list[Counts]]], chosen: dict[str, float], thresholds: Sequence[float]) -> list[dict]:
+    """Val pairs at each prompt's chosen threshold, in the shape `summary_metrics` reads.
+
+    The dataset is unknown here, so val gets overall and per-prompt scores only.
+    """
+    pairs = []
+    for prompt, per_pair in sweep.items():
+        index = list(thresholds).index(chosen[prompt])
+        pairs += [{"prompt": prompt, "dataset": "", "counts": counts[index]} for counts in per_pair]
+    return pairs
+
+
+def _rounded(value: Any) -> Any:
+    return round(value, DECIMALS) if isinstance(value, float) else value
+
+
+def write_outputs(result: EvaluationResult, metrics_path: str | Path, plots_dir: str | Path) -> None:
+    """metrics/eval.json (sorted flat keys) and the three plot tables, each written atomically."""
+    plots_dir = Path(plots_dir)
+    write_json_atomic(metrics_path, {key: _rounded(result.metrics[key]) for key in sorted(result.metrics)})
+    tables = (
+        ("eval_per_image.csv", PER_IMAGE_COLUMNS, result.per_image),
+        ("eval_per_prompt.csv", PER_PROMPT_COLUMNS, result.per_prompt),
+        ("threshold_sweep.csv", SWEEP_COLUMNS, result.sweep),
+    )
+    for name, columns, rows in tables:
+        write_csv_atomic(plots_dir / name, columns, ({k: _rounded(row[k]) for k in columns} for row in rows))
+
+
+def replace_dir(staging: Path, target: Path) -> None:
+    """Swap a finished folder into place; the old copy is removed last."""
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def run_evaluation(
+    model_dir: str | Path,
+    manifest_path: str | Path,
+    prompts: dict[str, list[str]],
+    model_params: dict[str, Any],
+    thresholds: Sequence[float],
+    batch_size: int,
+    zero_shot: bool,
+    timing_images: int,
+    seed: int,
+    predictions_dir: str | Path,
+    metrics_path: str | Path,
+    plots_dir: str | Path,
+    repo_root: str | Path = ".",
+    device: str | None = None,
+) -> EvaluationResult:
+    """The `evaluate` stage: load the trained model, evaluate, time it, write every output.
+
+    Predictions are written to a temporary sibling of `predictions_dir` that replaces it only when
+    the evaluation succeeded. The zero-shot model is `build_model(**model_params)` seeded with `seed`:
+    for pretrained `weights` the model before fine-tuning, for scratch the random initialisation.
+    `device`: None picks CUDA, then MPS, then CPU.
+    """
+    import torch
+
+    from drywall_qa.inference import predict_probs, select_device
+    from drywall_qa.model import build_model, load_model
+
+    model_dir, predictions_dir, repo_root = Path(model_dir), Path(predictions_dir), Path(repo_root)
+    if not model_dir.is_dir():
+        raise EvaluationError(f"model folder {model_dir} does not exist: run the `train` stage first")
+    all_prompts = [prompt for dataset in sorted(prompts) for prompt in prompts[dataset]]
+    manifest = read_manifest(manifest_path)
+    device = select_device(device)
+    model, processor = load_model(str(model_dir))
+    predict_fn = functools.partial(predict_probs, model, processor, device=device, batch_size=batch_size)
+
+    timing = [load_image(repo_root / image.image_path) for image in split_images(manifest, "test")[:timing_images]]
+    runtime = measure_runtime(predict_fn, timing, all_prompts[:1], all_prompts)
+    del timing
+
+    predictions_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = predictions_dir.parent / f".{predictions_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        result = evaluate_predictions(predict_fn, manifest, all_prompts, thresholds, staging, repo_root, batch_size)
+        # Peak memory of the trained model's evaluation, read before a second model is built.
+        footprint = {
+            "footprint.params": sum(p.numel() for p in model.parameters()),
+            "footprint.checkpoint_bytes": folder_bytes(model_dir),
+            "footprint.peak_rss_bytes": peak_rss_bytes(),
+        }
+        if torch.device(device).type == "cuda":
+            footprint["footprint.peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+        del model, predict_fn
+        if zero_shot:
+            torch.manual_seed(seed)
+            zs_model, zs_processor = build_model(**model_params, prompts=all_prompts)
+            zs_predict = functools.partial(predict_probs, zs_model, zs_processor, device=device, batch_size=batch_size)
+            add_zero_shot(result, zs_predict, manifest, repo_root, batch_size)
+        replace_dir(staging, predictions_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    result.metrics |= runtime | footprint | {"runtime.device": device_name(device)}
+    write_outputs(result, metrics_path, plots_dir)
+    return result

@@ -1,0 +1,319 @@
+"""CLIPSeg from HuggingFace `transformers`: building, loading, and the forward pieces training needs.
+
+`CLIPSegForImageSegmentation.forward` runs both CLIP encoders under `torch.no_grad()` and needs one
+image per prompt. That is right for a pretrained backbone (the paper trains only the decoder) but
+useless from scratch, and it repeats the vision pass for every prompt of an image. So training and
+inference call the model's own submodules through three helpers instead:
+
+- `encode_images(model, pixel_values)`: the vision encoder's hidden states at `extract_layers`
+  (with gradients when the backbone trains), one pass per image;
+- `encode_prompts(model, input_ids, attention_mask)`: the projected text features (the FiLM
+  conditioning), with gradients when the backbone trains;
+- `decode(model, activations, conditional)`: `model.decoder`, once per (image, prompt) pair; the
+  activations of an image are indexed per pair with `pair_activations`, the decoder is cheap.
+
+A model built from scratch gets a genuine offline CLIP tokenizer (byte-level BPE) whose merges make
+each word of the configured prompts one token; it is saved with the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    CLIPSegConfig,
+    CLIPSegForImageSegmentation,
+    CLIPSegProcessor,
+    CLIPTokenizer,
+    ViTImageProcessorPil,
+)
+
+# CLIPSeg's published checkpoints normalise with the ImageNet statistics.
+IMAGE_MEAN = (0.485, 0.456, 0.406)
+IMAGE_STD = (0.229, 0.224, 0.225)
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+MAX_PROMPT_TOKENS = 77  # CLIP's context length; every preset keeps it so any prompt fits
+
+# Architectures for training from scratch. `base` is CIDAS/clipseg-rd64-refined's (ViT-B/16,
+# 150,747,746 parameters). `tiny` and `small` are sized for CPU training; `tiny` is the offline
+# default and was measured to learn the synthetic masks in a few minutes on 2 cores.
+# Keys: vision/text go to the sub-configs, the rest to CLIPSegConfig.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "vision": {"hidden_size": 96, "intermediate_size": 384, "num_hidden_layers": 4,
+                   "num_attention_heads": 4, "patch_size": 16},
+        "text": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+                 "num_attention_heads": 2},
+        "projection_dim": 64,
+        "extract_layers": [1, 2, 3],
+        "reduce_dim": 64,
+        "decoder_num_attention_heads": 4,
+        "decoder_intermediate_size": 256,
+        "use_complex_transposed_convolution": True,
+    },
+    "small": {
+        "vision": {"hidden_size": 192, "intermediate_size": 768, "num_hidden_layers": 6,
+                   "num_attention_heads": 4, "patch_size": 16},
+        "text": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 3,
+                 "num_attention_heads": 4},
+        "projection_dim": 128,
+        "extract_layers": [1, 3, 5],
+        "reduce_dim": 64,
+        "decoder_num_attention_heads": 4,
+        "decoder_intermediate_size": 512,
+        "use_complex_transposed_convolution": True,
+    },
+    "base": {  # CLIPSegConfig's defaults are rd64's; rd64-refined adds ViT-B/16 and the complex upsampler
+        "vision": {"patch_size": 16},
+        "text": {},
+        "use_complex_transposed_convolution": True,
+    },
+}
+
+
+class ModelConfigError(ValueError):
+    """A preset, image size or weights argument that cannot build a model."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP's (and GPT-2's) reversible map from bytes to printable unicode characters."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(code) for code in codes), strict=True))
+
+
+def prompt_words(prompts: Iterable[str]) -> list[str]:
+    """The words CLIP's pre-tokenizer sees in `prompts` (lower case, letters-only runs), sorted."""
+    words = set()
+    for prompt in prompts:
+        words.update(re.findall(r"[^\W\d_]+", prompt.lower()))
+    return sorted(words)
+
+
+def _tokenizer_from(vocab: dict[str, int], merges: list[tuple[str, str]]) -> CLIPTokenizer:
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=MAX_PROMPT_TOKENS)
+
+
+def build_tokenizer(prompts: Iterable[str]) -> CLIPTokenizer:
+    """A genuine CLIP byte-level BPE tokenizer whose merges make every prompt word a single token.
+
+    Vocabulary layout follows CLIP: the 256 byte symbols, the same with `</w>`, one entry per merge,
+    then `<|startoftext|>` and `<|endoftext|>`. Any text still tokenizes (to byte pieces at worst).
+    Merges are added word by word at the lowest priority: each new word is first tokenized with the
+    merges so far, then its pieces are joined left to right. Lower-priority merges never change how
+    an earlier word is tokenized (BPE always applies the highest-priority merge available, and an
+    earlier word became one token using earlier merges only), so every word ends as one token.
+    """
+    symbols = list(bytes_to_unicode().values())
+    base_vocab = symbols + [symbol + "</w>" for symbol in symbols]
+    merges: list[tuple[str, str]] = []
+    merged_tokens: list[str] = []
+    for word in prompt_words(prompts):
+        vocab = _vocab(base_vocab, merged_tokens)
+        pieces = _tokenizer_from(vocab, merges).tokenize(word)
+        while len(pieces) > 1:
+            merge = (pieces[0], pieces[1])
+            merges.append(merge)
+            merged_tokens.append(pieces[0] + pieces[1])
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+    tokenizer = _tokenizer_from(_vocab(base_vocab, merged_tokens), merges)
+    for word in prompt_words(prompts):
+        if len(tokenizer.tokenize(word)) != 1:  # guards the construction argument above
+            raise AssertionError(f"tokenizer construction failed to make {word!r} a single token")
+    return tokenizer
+
+
+def _vocab(base_vocab: list[str], merged_tokens: list[str]) -> dict[str, int]:
+    tokens = base_vocab + merged_tokens + [BOS_TOKEN, EOS_TOKEN]
+    return {token: index for index, token in enumerate(tokens)}
+
+
+def build_image_processor(image_size: int) -> ViTImageProcessorPil:
+    """CLIPSeg's image processor (ViT's; the PIL backend, no torchvision needed) at `image_size`."""
+    return ViTImageProcessorPil(
+        do_resize=True,
+        size={"height": image_size, "width": image_size},
+        resample=2,  # bilinear, as CLIPSeg's checkpoints
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=list(IMAGE_MEAN),
+        image_std=list(IMAGE_STD),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Building and loading
+
+
+def scratch_config(preset: str, image_size: int, tokenizer: CLIPTokenizer) -> CLIPSegConfig:
+    if preset not in PRESETS:
+        raise ModelConfigError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+    spec = json.loads(json.dumps(PRESETS[preset]))  # deep copy
+    vision = spec.pop("vision")
+    text = spec.pop("text")
+    patch = vision.get("patch_size", 32)
+    if image_size % patch:
+        raise ModelConfigError(f"image_size {image_size} is not a multiple of the patch size {patch}")
+    vision["image_size"] = image_size
+    # `base` keeps CLIP's 49,408-token embedding table (its parameter count is the architecture's);
+    # the small presets size it to the generated vocabulary.
+    text.setdefault("vocab_size", 49408 if preset == "base" else len(tokenizer))
+    if len(tokenizer) > text["vocab_size"]:
+        raise ModelConfigError(f"tokenizer has {len(tokenizer)} tokens, more than vocab_size {text['vocab_size']}")
+    # CLIP pools the text at the first eos token: the ids must be the tokenizer's.
+    text.update(
+        max_position_embeddings=MAX_PROMPT_TOKENS,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPSegConfig(text_config=text, vision_config=vision, **spec)
+
+
+def build_model(
+    preset: str,
+    weights: str | Path | None,
+    image_size: int,
+    freeze_backbone: bool,
+    *,
+    prompts: Sequence[str] = (),
+) -> tuple[CLIPSegForImageSegmentation, CLIPSegProcessor]:
+    """A CLIPSeg model and its processor.
+
+    `weights`: a Hub id (e.g. `CIDAS/clipseg-rd64-refined`) or a local `save_pretrained` folder, whose
+    architecture wins over `preset`; or None to build `preset` from scratch with an offline tokenizer
+    that makes each word of `prompts` one token. The processor resizes images to `image_size`.
+    `freeze_backbone`: True trains only the decoder (CLIP encoders get `requires_grad=False`).
+    """
+    if weights:
+        model = CLIPSegForImageSegmentation.from_pretrained(str(weights))
+        processor = CLIPSegProcessor.from_pretrained(str(weights))
+        processor.image_processor.size = {"height": image_size, "width": image_size}
+        patch = model.config.vision_config.patch_size
+        if image_size % patch:
+            raise ModelConfigError(f"image_size {image_size} is not a multiple of the patch size {patch}")
+    else:
+        tokenizer = build_tokenizer(prompts)
+        model = CLIPSegForImageSegmentation(scratch_config(preset, image_size, tokenizer))
+        reset_decoder_projections(model)
+        processor = CLIPSegProcessor(image_processor=build_image_processor(image_size), tokenizer=tokenizer)
+    set_backbone_trainable(model, trainable=not freeze_backbone)
+    return model, processor
+
+
+def reset_decoder_projections(model: CLIPSegForImageSegmentation) -> None:
+    """Give the decoder's FiLM, reduce and upsampling layers PyTorch's default init.
+
+    HF initialises them with std `initializer_factor` (1.0): harmless for published checkpoints,
+    which overwrite them, but from scratch it gives mask logits of about +-1000 and a BCE in the
+    hundreds at step 0. The decoder's transformer layers keep HF's (scaled) init.
+    """
+    decoder = model.decoder
+    for module in [decoder.film_mul, decoder.film_add, *decoder.reduces, *decoder.transposed_convolution.modules()]:
+        if isinstance(module, torch.nn.Linear | torch.nn.Conv2d | torch.nn.ConvTranspose2d):
+            module.reset_parameters()
+
+
+def load_model(path_or_id: str | Path) -> tuple[CLIPSegForImageSegmentation, CLIPSegProcessor]:
+    """A saved model (local `save_pretrained` folder or Hub id) and its processor, in eval mode."""
+    model = CLIPSegForImageSegmentation.from_pretrained(str(path_or_id))
+    processor = CLIPSegProcessor.from_pretrained(str(path_or_id))
+    model.eval()
+    return model, processor
+
+
+def set_backbone_trainable(model: CLIPSegForImageSegmentation, trainable: bool) -> None:
+    """Freeze or unfreeze both CLIP encoders; the decoder always trains."""
+    model.clip.requires_grad_(trainable)
+    model.decoder.requires_grad_(True)
+
+
+def backbone_is_frozen(model: CLIPSegForImageSegmentation) -> bool:
+    return not any(parameter.requires_grad for parameter in model.clip.parameters())
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward pieces
+
+
+def encode_images(model: CLIPSegForImageSegmentation, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    """Vision hidden states after each layer in `config.extract_layers`, in that order ([B, T, D] each).
+
+    Runs the vision encoder's own modules, stopping after the last extracted layer (the rest only
+    feeds CLIP's pooled image embedding, which segmentation does not use). Gradients flow when the
+    vision encoder is trainable and grad mode is on.
+    """
+    vision = model.clip.vision_model
+    extract_layers = list(model.config.extract_layers)
+    trainable = any(p.requires_grad for p in vision.parameters())
+    with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+        hidden = vision.embeddings(pixel_values, interpolate_pos_encoding=True)
+        hidden = vision.pre_layrnorm(hidden)
+        outputs = {}
+        for index, layer in enumerate(vision.encoder.layers[: max(extract_layers) + 1]):
+            hidden = layer(hidden, None)
+            outputs[index] = hidden
+    return [outputs[index] for index in extract_layers]
+
+
+def encode_prompts(
+    model: CLIPSegForImageSegmentation, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Projected text features `[P, projection_dim]`: the decoder's FiLM conditioning."""
+    trainable = any(p.requires_grad for p in model.clip.text_model.parameters())
+    with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+        return model.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+
+
+def tokenize_prompts(processor: CLIPSegProcessor, prompts: Sequence[str], device: torch.device | str = "cpu"):
+    """`(input_ids, attention_mask)` for `prompts`, padded to the longest."""
+    encoded = processor.tokenizer(list(prompts), padding=True, return_tensors="pt")
+    return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+
+
+def pair_activations(activations: Sequence[torch.Tensor], image_index: torch.Tensor) -> list[torch.Tensor]:
+    """Each image's activations repeated for its (image, prompt) pairs: row k is image `image_index[k]`."""
+    return [layer.index_select(0, image_index) for layer in activations]
+
+
+def decode(
+    model: CLIPSegForImageSegmentation, activations: Sequence[torch.Tensor], conditional: torch.Tensor
+) -> torch.Tensor:
+    """Mask logits `[N, H, W]` for N pairs: activations and conditional embeddings row-aligned."""
+    if activations[0].shape[0] != conditional.shape[0]:
+        raise ValueError(
+            f"{activations[0].shape[0]} activation rows but {conditional.shape[0]} conditional embeddings"
+        )
+    return model.decoder(list(activations), conditional).logits
+
+
+def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of `[N, h, w]` logits to `size` (no-op when equal)."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return torch.nn.functional.interpolate(logits.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[
+        :, 0
+    ]

@@ -1,0 +1,566 @@
+"""Multi-prompt CLIPSeg training with validation, early stopping, atomic checkpoints and resume.
+
+One step: the vision encoder runs once per image of the batch (or its activations come from the
+cache when the backbone is frozen), the decoder once per (image, prompt) pair, including negative
+prompts with empty masks. Loss = bce_weight * BCE + dice_weight * soft Dice.
+
+Checkpoints (`<output_dir>/best/`, `<output_dir>/last/`) are `save_pretrained` folders with the
+processor and `training_state.json`; `last/` also holds `optimizer_state.pt` (optimizer, scheduler,
+RNG). Each is written into a temp folder beside it and swapped in by renames, so a killed run leaves
+either the old or the new folder, never a half-written one. A re-run resumes from `last/` when its
+config fingerprint (training config + manifest hash) matches, and starts fresh otherwise.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+from transformers import (
+    CLIPSegForImageSegmentation,
+    CLIPSegProcessor,
+    get_constant_schedule_with_warmup,
+    get_cosine_schedule_with_warmup,
+)
+
+from drywall_qa.activation_cache import ActivationCache
+from drywall_qa.data import (
+    SegmentationDataset,
+    collate_pairs,
+    fingerprint_json,
+    file_sha256,
+    image_records,
+    prompts_by_dataset,
+    read_manifest,
+)
+from drywall_qa.inference import autocast, select_device
+from drywall_qa.model import (
+    backbone_is_frozen,
+    build_model,
+    count_parameters,
+    decode,
+    encode_images,
+    encode_prompts,
+    pair_activations,
+    resize_logits,
+    set_backbone_trainable,
+    tokenize_prompts,
+)
+
+HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_miou", "val_dice", "lr", "seconds"]
+STATE_FILE = "training_state.json"
+OPTIMIZER_FILE = "optimizer_state.pt"
+SCHEDULERS = ("cosine", "constant")
+
+
+class TrainConfigError(ValueError):
+    """Parameters that cannot train."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every parameter that shapes a training run (the `seed`, `lr`, `model` and `train` params)."""
+
+    seed: int
+    lr: float
+    preset: str
+    weights: str | None
+    image_size: int
+    freeze_backbone: bool
+    epochs: int
+    batch_size: int
+    weight_decay: float
+    scheduler: str
+    warmup_epochs: float
+    early_stopping_patience: int
+    grad_clip: float
+    bce_weight: float
+    dice_weight: float
+    negative_prompts: bool
+    augment: bool
+    cache_activations: bool
+    cached_views: int
+    num_threads: int
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> TrainConfig:
+        model, train = params["model"], params["train"]
+        names = {name for name in cls.__dataclass_fields__} - {"seed", "lr", "preset", "weights", "image_size",
+                                                                "freeze_backbone"}
+        missing = sorted(names - set(train))
+        if missing:
+            raise TrainConfigError(f"params.yaml train section lacks {missing}")
+        config = cls(
+            seed=int(params["seed"]),
+            lr=float(params["lr"]),
+            preset=str(model["preset"]),
+            weights=model.get("weights") or None,
+            image_size=int(model["image_size"]),
+            freeze_backbone=bool(model["freeze_backbone"]),
+            **{name: train[name] for name in sorted(names)},
+        )
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise TrainConfigError(f"train.scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
+        positive = {"lr": self.lr, "epochs": self.epochs, "batch_size": self.batch_size,
+                    "image_size": self.image_size, "cached_views": self.cached_views, "num_threads": self.num_threads}
+        bad = {name: value for name, value in positive.items() if not value > 0}
+        if bad:
+            raise TrainConfigError(f"these params must be > 0: {bad}")
+        if self.bce_weight < 0 or self.dice_weight < 0 or self.bce_weight + self.dice_weight == 0:
+            raise TrainConfigError("bce_weight and dice_weight must be >= 0 and not both 0")
+        if self.early_stopping_patience < 1:
+            raise TrainConfigError("train.early_stopping_patience must be >= 1")
+
+    @property
+    def weights_init(self) -> str:
+        return str(self.weights) if self.weights else f"scratch:{self.preset}"
+
+    @property
+    def uses_cache(self) -> bool:
+        return self.freeze_backbone and self.cache_activations
+
+
+def config_fingerprint(config: TrainConfig, manifest_path: str | Path) -> str:
+    """What a checkpoint must match to be resumed: the whole config and the manifest's bytes."""
+    return fingerprint_json({"config": asdict(config), "manifest_sha256": file_sha256(Path(manifest_path))})
+
+
+# ----------------------------------------------------------------------------------------------
+# Reproducibility, loss, metrics
+
+
+def set_determinism(seed: int, num_threads: int) -> None:
+    """Seed every RNG, fix the thread count and ask torch for deterministic kernels."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(num_threads)
+    # warn_only: a few CUDA backward kernels (e.g. upsampling) have no deterministic version.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def segmentation_loss(
+    logits: torch.Tensor, masks: torch.Tensor, bce_weight: float, dice_weight: float
+) -> torch.Tensor:
+    """bce_weight * mean BCE over pixels + dice_weight * mean soft Dice loss over pairs."""
+    logits = logits.float()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, masks)
+    probs = torch.sigmoid(logits).flatten(1)
+    targets = masks.flatten(1)
+    # +1 smoothing: an empty mask predicted empty scores a loss of ~0, not 0/0.
+    dice = 1 - (2 * (probs * targets).sum(1) + 1) / (probs.sum(1) + targets.sum(1) + 1)
+    return bce_weight * bce + dice_weight * dice.mean()
+
+
+def pair_scores(logits: torch.Tensor, masks: torch.Tensor, threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair IoU and Dice of `sigmoid(logits) > threshold` against binary masks; empty vs empty = 1."""
+    predicted = (torch.sigmoid(logits.float()) > threshold).flatten(1)
+    truth = masks.flatten(1) > 0.5
+    intersection = (predicted & truth).sum(1).float()
+    union = (predicted | truth).sum(1).float()
+    total = predicted.sum(1).float() + truth.sum(1).float()
+    iou = torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
+    dice = torch.where(total > 0, 2 * intersection / total.clamp(min=1), torch.ones_like(total))
+    return iou, dice
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _tmp_prefix(name: str) -> str:
+    return f".{name}.tmp-"
+
+
+def recover_checkpoints(output_dir: Path, log: Callable[[str], None] = print) -> None:
+    """Undo what a kill in the middle of `save_checkpoint` left: a half-swapped folder or temp dirs."""
+    if not output_dir.is_dir():
+        return
+    for name in ("best", "last"):
+        old = output_dir / f".{name}.old"
+        if old.is_dir():
+            if (output_dir / name).is_dir():
+                shutil.rmtree(old)  # the new folder was swapped in; only the deletion was missed
+            else:
+                os.rename(old, output_dir / name)
+                log(f"train: restored {name}/ from an interrupted checkpoint swap")
+    for leftover in output_dir.glob(".*.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def save_checkpoint(
+    output_dir: Path,
+    name: str,
+    model: CLIPSegForImageSegmentation,
+    processor: CLIPSegProcessor,
+    state: dict[str, Any],
+    optimizer_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write `output_dir/name/` atomically: build it in a temp dir, then rename old away, new in, delete old."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(name), dir=output_dir))
+    temp.chmod(0o755)  # mkdtemp makes it private; the checkpoint is an ordinary folder
+    try:
+        model.save_pretrained(temp)
+        processor.save_pretrained(temp)
+        if optimizer_state is not None:
+            torch.save(optimizer_state, temp / OPTIMIZER_FILE)
+        (temp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    target, old = output_dir / name, output_dir / f".{name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.rename(target, old)
+    os.rename(temp, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def read_state(checkpoint: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as out:
+            out.write(text)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def write_history(path: Path, history: list[dict[str, Any]]) -> None:
+    lines = [",".join(HISTORY_COLUMNS)]
+    for row in history:
+        lines.append(",".join(_csv_value(row[column]) for column in HISTORY_COLUMNS))
+    _write_atomic(path, "\n".join(lines) + "\n")
+
+
+def _csv_value(value: Any) -> str:
+    return str(value) if isinstance(value, int) else f"{value:.6g}"
+
+
+def write_json(path: Path, value: dict[str, Any]) -> None:
+    _write_atomic(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def read_history(path: Path) -> list[dict[str, float]]:
+    with open(path, encoding="utf-8", newline="") as handle:
+        return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(handle)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class _Run:
+    """The mutable state of a run; what `last/` stores to resume."""
+
+    history: list[dict[str, Any]]
+    best_epoch: int = 0
+    best_val_miou: float = -math.inf
+    best_val_dice: float = 0.0
+    epochs_without_improvement: int = 0
+    seconds: float = 0.0
+
+
+def train(
+    config: TrainConfig,
+    manifest_path: str | Path,
+    output_dir: str | Path,
+    metrics_path: str | Path,
+    history_path: str | Path,
+    root: str | Path = ".",
+    cache_dir: str | Path | None = None,
+    device: str | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train on the manifest's train split, validate on val each epoch, return the summary also
+    written to `metrics_path`.
+
+    `cache_dir`: where the activation cache keeps its files (frozen backbone and
+    `cache_activations` only); None keeps it in memory. `on_epoch` gets each history row (the
+    stage logs it to MLflow). Resumes from `output_dir/last/` when its fingerprint matches.
+    """
+    started = time.perf_counter()
+    output_dir, metrics_path, history_path = Path(output_dir), Path(metrics_path), Path(history_path)
+    set_determinism(config.seed, config.num_threads)
+    device_ = select_device(device)
+
+    rows = read_manifest(manifest_path)
+    prompts = prompts_by_dataset(rows)
+    train_records = image_records(rows, "train", root)
+    val_records = image_records(rows, "val", root)
+    fingerprint = config_fingerprint(config, manifest_path)
+
+    recover_checkpoints(output_dir, log)
+    resume_state = _resumable(output_dir / "last", fingerprint, log)
+    if resume_state is None:
+        for name in ("best", "last"):  # another config's checkpoints must not pass for this run's
+            shutil.rmtree(output_dir / name, ignore_errors=True)
+
+    all_prompts = [prompt for dataset in sorted(prompts) for prompt in prompts[dataset]]
+    if resume_state is not None:
+        model, processor = build_model(config.preset, output_dir / "last", config.image_size, config.freeze_backbone)
+    else:
+        model, processor = build_model(
+            config.preset, config.weights, config.image_size, config.freeze_backbone, prompts=all_prompts
+        )
+    set_backbone_trainable(model, not config.freeze_backbone)
+    model.to(device_)
+    mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
+
+    use_cache = config.uses_cache
+    train_set = SegmentationDataset(
+        train_records, prompts, config.image_size, mean, std, augment=config.augment,
+        negative_prompts=config.negative_prompts, seed=config.seed,
+        views=config.cached_views if use_cache else None,
+    )
+    val_set = SegmentationDataset(
+        val_records, prompts, config.image_size, mean, std, augment=False,
+        negative_prompts=config.negative_prompts, seed=config.seed,
+    )
+    cache = ActivationCache(model, cache_dir) if use_cache else None
+
+    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    if config.scheduler == "cosine":
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, config.epochs * steps_per_epoch)
+    else:
+        scheduler = get_constant_schedule_with_warmup(optimizer, warmup_steps)
+
+    run = _Run(history=[])
+    start_epoch = 1
+    if resume_state is not None:
+        saved = torch.load(output_dir / "last" / OPTIMIZER_FILE, map_location=device_, weights_only=True)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["torch_rng"])
+        run = _Run(**resume_state["run"])
+        start_epoch = resume_state["epoch"] + 1
+        log(f"train: resuming from last/ after epoch {resume_state['epoch']} (config fingerprint matches)")
+
+    frozen_text = not any(p.requires_grad for p in model.clip.text_model.parameters()) and not any(
+        p.requires_grad for p in model.clip.text_projection.parameters()
+    )
+    input_ids, attention_mask = tokenize_prompts(processor, train_set.prompt_list, device_)
+    fixed_conditional = None
+    if frozen_text:  # the prompt set is fixed: encode it once
+        with torch.no_grad(), autocast(device_):
+            fixed_conditional = encode_prompts(model, input_ids, attention_mask).float()
+
+    def conditionals() -> torch.Tensor:
+        return fixed_conditional if fixed_conditional is not None else encode_prompts(model, input_ids, attention_mask)
+
+    def activations_of(batch: dict[str, torch.Tensor], dataset: SegmentationDataset) -> list[torch.Tensor]:
+        if cache is not None:
+            return cache.activations_for(model, batch, dataset, device_)
+        return encode_images(model, batch["pixel_values"].to(device_, non_blocking=True))
+
+    loader_options = _loader_options(device_)
+    final_train_loss = run.history[-1]["train_loss"] if run.history else math.nan
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, config.epochs + 1):
+        epoch_started = time.perf_counter()
+        train_set.set_epoch(epoch - 1)
+        loader = DataLoader(
+            train_set, batch_size=config.batch_size, shuffle=True, collate_fn=collate_pairs,
+            generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch), **loader_options,
+        )
+        model.train()
+        loss_sum, pair_count = 0.0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False)
+        for batch in bar:
+            masks = batch["masks"].to(device_, non_blocking=True)
+            with autocast(device_):
+                activations = activations_of(batch, train_set)
+                image_index = batch["image_index"].to(device_)
+                conditional = conditionals()[batch["prompt_index"].to(device_)]
+                logits = decode(model, pair_activations(activations, image_index), conditional)
+            logits = resize_logits(logits.float(), tuple(masks.shape[-2:]))
+            loss = segmentation_loss(logits, masks, config.bce_weight, config.dice_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.item() * len(masks)
+            pair_count += len(masks)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        final_train_loss = loss_sum / pair_count
+
+        val = _validate(model, val_set, config, device_, activations_of, conditionals, loader_options)
+        run.seconds += time.perf_counter() - epoch_started
+        row = {
+            "epoch": epoch,
+            "train_loss": final_train_loss,
+            "val_loss": val["val_loss"],
+            "val_miou": val["val_miou"],
+            "val_dice": val["val_dice"],
+            "lr": scheduler.get_last_lr()[0],
+            "seconds": time.perf_counter() - epoch_started,
+        }
+        run.history.append(row)
+        improved = val["val_miou"] > run.best_val_miou
+        if improved:
+            run.best_epoch, run.best_val_miou, run.best_val_dice = epoch, val["val_miou"], val["val_dice"]
+            run.epochs_without_improvement = 0
+        else:
+            run.epochs_without_improvement += 1
+        stop = run.epochs_without_improvement >= config.early_stopping_patience
+        complete = stop or epoch == config.epochs
+        state = {
+            "epoch": epoch,
+            "complete": complete,
+            "fingerprint": fingerprint,
+            "config": asdict(config),
+            "weights_init": config.weights_init,
+            "prompts": train_set.prompt_list,
+            "best_epoch": run.best_epoch,
+            "best_val_miou": run.best_val_miou,
+            "run": asdict(run),
+        }
+        if improved:
+            save_checkpoint(output_dir, "best", model, processor, state)
+        save_checkpoint(
+            output_dir, "last", model, processor, state,
+            optimizer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "torch_rng": torch.get_rng_state()},
+        )
+        write_history(history_path, run.history)
+        extra = f", negative-prompt IoU {val['val_negative_iou']:.3f}" if "val_negative_iou" in val else ""
+        log(
+            f"train: epoch {epoch}: train loss {final_train_loss:.4f}, val loss {val['val_loss']:.4f}, "
+            f"val mIoU {val['val_miou']:.4f}, val Dice {val['val_dice']:.4f}{extra}, {row['seconds']:.1f}s"
+        )
+        if on_epoch is not None:
+            on_epoch({**row, **{k: v for k, v in val.items() if k not in row}})
+        if stop:
+            log(f"train: early stop after epoch {epoch}: no val mIoU gain for {run.epochs_without_improvement} epochs")
+            break
+
+    summary = {
+        "best_epoch": run.best_epoch,
+        "best_val_miou": run.best_val_miou,
+        "best_val_dice": run.best_val_dice,
+        "final_train_loss": final_train_loss,
+        "epochs_run": len(run.history),
+        "resumed_from_epoch": start_epoch - 1,
+        "seconds": round(run.seconds, 3),
+        "seconds_this_process": round(time.perf_counter() - started, 3),
+        "params": count_parameters(model),
+        "trainable_params": count_parameters(model, trainable_only=True),
+        "weights_init": config.weights_init,
+        "device": str(device_),
+        "frozen_backbone": backbone_is_frozen(model),
+        "train_images": len(train_set),
+        "val_images": len(val_set),
+        "prompts": train_set.prompt_list,
+    }
+    if cache is not None:
+        summary["activation_cache_hits"] = cache.hits
+        summary["activation_cache_misses"] = cache.misses
+    write_history(history_path, run.history)
+    write_json(metrics_path, summary)
+    return summary
+
+
+def _loader_options(device: torch.device) -> dict[str, Any]:
+    if device.type == "cuda":  # workers decode images while the GPU computes; pinned memory for async copies
+        return {"num_workers": min(4, os.cpu_count() or 1), "pin_memory": True, "persistent_workers": False}
+    return {"num_workers": 0}  # CPU: the model needs every core
+
+
+def _resumable(last: Path, fingerprint: str, log: Callable[[str], None]) -> dict[str, Any] | None:
+    if not last.is_dir():
+        return None
+    state = read_state(last)
+    if state is None or not (last / OPTIMIZER_FILE).is_file():
+        log("train: last/ is incomplete; starting fresh")
+        return None
+    if state.get("fingerprint") != fingerprint:
+        log("train: last/ was trained with other params or another manifest; starting fresh")
+        return None
+    if state.get("complete"):
+        log("train: last/ is a finished run of this config; training again from scratch")
+        return None
+    return state
+
+
+@torch.no_grad()
+def _validate(
+    model: CLIPSegForImageSegmentation,
+    val_set: SegmentationDataset,
+    config: TrainConfig,
+    device: torch.device,
+    activations_of: Callable,
+    conditionals: Callable[[], torch.Tensor],
+    loader_options: dict[str, Any],
+) -> dict[str, float]:
+    """Val loss over all pairs; mIoU and Dice at 0.5 over the manifest's pairs (positives); with
+    negative prompts also the mean IoU of negative pairs (1 = predicted empty, as it should)."""
+    model.eval()
+    loader = DataLoader(val_set, batch_size=config.batch_size, shuffle=False, collate_fn=collate_pairs,
+                        **loader_options)
+    loss_sum, pairs = 0.0, 0
+    ious, dices, positive = [], [], []
+    conditional_all = conditionals()
+    for batch in loader:
+        masks = batch["masks"].to(device)
+        with autocast(device):
+            activations = activations_of(batch, val_set)
+            logits = decode(
+                model,
+                pair_activations(activations, batch["image_index"].to(device)),
+                conditional_all[batch["prompt_index"].to(device)],
+            )
+        logits = resize_logits(logits.float(), tuple(masks.shape[-2:]))
+        loss_sum += segmentation_loss(logits, masks, config.bce_weight, config.dice_weight).item() * len(masks)
+        pairs += len(masks)
+        iou, dice = pair_scores(logits, masks)
+        ious.append(iou.cpu())
+        dices.append(dice.cpu())
+        positive.append(batch["positive"])
+    iou, dice, positive_ = torch.cat(ious), torch.cat(dices), torch.cat(positive)
+    result = {
+        "val_loss": loss_sum / pairs,
+        "val_miou": iou[positive_].mean().item(),
+        "val_dice": dice[positive_].mean().item(),
+    }
+    if (~positive_).any():
+        result["val_negative_iou"] = iou[~positive_].mean().item()
+    return result

@@ -1,0 +1,55 @@
+"""DVC stage `download`: params `data.source` (synthetic | roboflow | local) -> data/raw/<dataset>/
+(Roboflow exports as Roboflow ships them) and data/raw/source.json (provenance, never the API key)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import mlflow
+
+from drywall_qa.params import flatten, load_params
+from drywall_qa.sources import DownloadError, fetch_raw_data, roboflow_api_key
+from drywall_qa.synthetic import preview_grid
+from drywall_qa.tracking import TrackingUnavailableError, stage_run
+
+RAW_DIR = Path("data/raw")
+
+
+def count_metrics(record: dict) -> dict[str, float]:
+    """Image and annotation counts per dataset and split folder (`cracks.splits.valid.images`)."""
+    counts = {
+        name: {key: dataset[key] for key in ("images", "annotations", "splits")}
+        for name, dataset in record["datasets"].items()
+    }
+    return {key: value for key, value in flatten(counts).items() if isinstance(value, int)}
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="download: %(message)s")
+    params = load_params()
+    data = params["data"]
+    try:
+        # Read before any work: a missing key fails at once, with one line.
+        api_key = roboflow_api_key(os.environ) if data.get("source") == "roboflow" else None
+        with stage_run("download", params={"seed": params["seed"], "data": data}, all_params=params):
+            record = fetch_raw_data(data, seed=params["seed"], raw_dir=RAW_DIR, repo_root=Path.cwd(), api_key=api_key)
+            mlflow.log_metrics(count_metrics(record))
+            mlflow.log_dict(record, "source.json")
+            for name, dataset in record["datasets"].items():
+                if dataset["format"] == "coco":  # a look at the first images and their labels
+                    mlflow.log_image(preview_grid(RAW_DIR / name), f"previews/{name}.png")
+    except (DownloadError, TrackingUnavailableError) as error:
+        raise SystemExit(f"download: {error}") from None
+    for name, dataset in record["datasets"].items():
+        folders = ", ".join(f"{split} {counts['images']}" for split, counts in dataset["splits"].items())
+        print(
+            f"download ({record['source']}): {name}: {dataset['images']} images ({folders}), "
+            f"{dataset['annotations']} annotations, {dataset['format']} {dataset['geometry']}"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

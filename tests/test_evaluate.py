@@ -1,0 +1,277 @@
+"""Evaluation logic with known probabilities: threshold choice on val, test scores, prediction files, outputs."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from drywall_qa.evaluate import (
+    EvaluationError,
+    add_zero_shot,
+    choose_thresholds,
+    evaluate_predictions,
+    measure_runtime,
+    read_manifest,
+    write_outputs,
+)
+from drywall_qa.metrics import Counts
+from drywall_qa.naming import mask_file_name
+
+W, H = 8, 6
+PROMPTS = {"cracks": ["segment crack"], "taping": ["segment taping area", "segment joint/tape"]}
+ALL_PROMPTS = ["segment crack", "segment taping area", "segment joint/tape"]
+THRESHOLDS = [0.1, 0.3, 0.5, 0.7, 0.9]
+
+
+def region(x0, x1, y0=0, y1=H):
+    mask = np.zeros((H, W), bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+class FakeModel:
+    """Probabilities chosen per (image, prompt); images are told apart by their red value."""
+
+    def __init__(self):
+        self.probs: dict[tuple[int, str], np.ndarray] = {}
+        self.calls: list[tuple[int, list[str]]] = []
+
+    def __call__(self, images, prompts):
+        self.calls.append((len(images), list(prompts)))
+        out = []
+        for image in images:
+            key = int(np.asarray(image)[0, 0, 0])
+            empty = np.zeros((image.height, image.width), np.float32)
+            out.append(np.stack([self.probs.get((key, p), empty) for p in prompts]).astype(np.float32))
+        return out
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """Two datasets, val and test images, GT masks on disk, a manifest, and a model whose
+    probabilities make 0.7 the best crack threshold and 0.3 the best taping thresholds on val."""
+    model = FakeModel()
+    rows = []
+    specs = [  # (dataset, split, image_id, colour, gt per prompt, probs per prompt)
+        ("cracks", "val", "c_val", 10),
+        ("cracks", "test", "c_test", 11),
+        ("cracks", "test", "c_empty", 12),
+        ("taping", "val", "t_val", 20),
+        ("taping", "test", "t_test", 21),
+    ]
+    gts = {
+        "c_val": region(0, 2), "c_test": region(0, 4), "c_empty": np.zeros((H, W), bool),
+        "t_val": region(4, 8), "t_test": region(2, 6),
+    }
+    for dataset_name, split, image_id, colour in specs:
+        image_path = tmp_path / "raw" / dataset_name / f"{image_id}.png"  # lossless: the colour is the key
+        image_path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (W, H), (colour, 0, 0)).save(image_path)
+        for prompt in PROMPTS[dataset_name]:
+            mask_path = tmp_path / "masks" / dataset_name / mask_file_name(image_id, prompt)
+            mask_path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(gts[image_id].astype(np.uint8) * 255, mode="L").save(mask_path)
+            rows.append(
+                {
+                    "dataset": dataset_name, "split": split, "image_id": image_id,
+                    "image_path": image_path.relative_to(tmp_path).as_posix(),
+                    "mask_path": mask_path.relative_to(tmp_path).as_posix(),
+                    "prompt": prompt, "group": image_id, "width": W, "height": H, "source_split": "train",
+                }
+            )
+    # cracks: GT pixels 0.75, a band of background at 0.65 (false positives below 0.7), rest 0.05
+    for image_id, colour in (("c_val", 10), ("c_test", 11), ("c_empty", 12)):
+        probs = np.where(gts[image_id], 0.75, 0.05).astype(np.float32)
+        probs[:, 6:] = 0.65
+        model.probs[(colour, "segment crack")] = probs
+    # taping: GT pixels 0.35 (missed above 0.3), background 0.05
+    for image_id, colour in (("t_val", 20), ("t_test", 21)):
+        for prompt in PROMPTS["taping"]:
+            model.probs[(colour, prompt)] = np.where(gts[image_id], 0.35, 0.05).astype(np.float32)
+    # the crack prompt on a taping test image lights up one column: a cross-prompt false positive
+    model.probs[(21, "segment crack")] = region(0, 1).astype(np.float32)
+    manifest_path = tmp_path / "manifest.csv"
+    with open(manifest_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return tmp_path, read_manifest(manifest_path), model, gts
+
+
+def test_thresholds_are_chosen_on_val_and_applied_to_test(dataset):
+    root, manifest, model, _ = dataset
+    result = evaluate_predictions(model, manifest, ALL_PROMPTS, THRESHOLDS, root / "pred", root, chunk_size=2)
+    assert result.thresholds == {"segment crack": 0.7, "segment taping area": 0.3, "segment joint/tape": 0.3}
+    m = result.metrics
+    assert m["threshold.segment_crack"] == 0.7 and m["threshold.segment_joint-tape"] == 0.3
+    # at 0.7 c_test is exact; c_empty has no GT but the 0.65 band is below 0.7: empty/empty = 1
+    assert m["test.segment_crack.miou"] == pytest.approx(1.0)
+    assert m["test.taping.miou"] == pytest.approx(1.0)
+    assert m["val.miou"] == pytest.approx(1.0)
+    assert m["test.pairs"] == 4  # 2 crack images x 1 prompt + 1 taping image x 2 prompts
+    sweep = {(r["prompt"], r["threshold"]): r for r in result.sweep}
+    # at 0.5 the 0.65 band (2 of 8 columns) is predicted too: IoU 2/4 on c_val
+    assert sweep[("segment crack", 0.5)]["val_miou"] == pytest.approx(0.5)
+    assert sweep[("segment crack", 0.5)]["precision"] == pytest.approx(0.5)
+    assert sweep[("segment crack", 0.9)]["val_miou"] == 0.0
+    assert sweep[("segment taping area", 0.5)]["recall"] == 0.0
+    # the crack prompt on the taping test image predicts one of 8 columns
+    assert m["cross_prompt.test.pairs"] == 5  # c_test and c_empty x 2 taping prompts; t_test x crack
+    assert m["cross_prompt.test.pred_fg_fraction"] == pytest.approx((1 / 8) / 5)
+    assert m["cross_prompt.test.empty_rate"] == pytest.approx(4 / 5)
+
+
+def test_test_scores_use_the_chosen_threshold_not_0_5(dataset):
+    root, manifest, model, gts = dataset
+    # c_test's 0.65 band is below 0.7 but above 0.5: a 0.5 threshold would score IoU 4/6
+    result = evaluate_predictions(model, manifest, ALL_PROMPTS, THRESHOLDS, None, root)
+    rows = {(r["image_id"], r["prompt"]): r for r in result.per_image}
+    assert rows[("c_test", "segment crack")]["iou"] == pytest.approx(1.0)
+    assert rows[("c_test", "segment crack")]["gt_fg_fraction"] == pytest.approx(gts["c_test"].mean())
+    assert rows[("c_empty", "segment crack")]["pred_fg_fraction"] == 0.0
+
+
+def test_prediction_files_follow_the_mask_contract(dataset):
+    root, manifest, model, _ = dataset
+    result = evaluate_predictions(model, manifest, ALL_PROMPTS, THRESHOLDS, root / "pred", root)
+    expected = {
+        f"{dataset_name}/{mask_file_name(image_id, prompt)}"
+        for dataset_name, image_id in (("cracks", "c_test"), ("cracks", "c_empty"), ("taping", "t_test"))
+        for prompt in ALL_PROMPTS
+    }
+    written = {p.relative_to(root / "pred").as_posix() for p in (root / "pred").rglob("*") if p.is_file()}
+    assert written == expected
+    for name in expected:
+        with Image.open(root / "pred" / name) as image:
+            assert image.mode == "L" and image.size == (W, H)
+            values = np.asarray(image)
+        assert set(np.unique(values)) <= {0, 255}
+    # the stored crack prediction of c_test is its probabilities binarised at the chosen 0.7
+    stored = np.asarray(Image.open(root / "pred" / "cracks" / mask_file_name("c_test", "segment crack"))) == 255
+    assert np.array_equal(stored, model.probs[(11, "segment crack")] >= result.thresholds["segment crack"])
+
+
+def test_outputs_are_flat_json_and_tables(dataset, tmp_path):
+    root, manifest, model, _ = dataset
+    result = evaluate_predictions(model, manifest, ALL_PROMPTS, THRESHOLDS, None, root)
+    zero = FakeModel()  # predicts nothing: IoU 1 on the empty-GT image only
+    add_zero_shot(result, zero, manifest, root)
+    write_outputs(result, tmp_path / "metrics" / "eval.json", tmp_path / "plots")
+    metrics = json.loads((tmp_path / "metrics" / "eval.json").read_text())
+    assert all(not isinstance(v, dict) for v in metrics.values())
+    for key in ("test.miou", "test.dice", "test.cracks.iou_dataset", "test.segment_crack.miou", "threshold.segment_crack",
+                "zero_shot.test.miou", "val.segment_crack.miou", "test.precision", "test.recall", "test.pixel_accuracy"):
+        assert key in metrics, key
+    assert metrics["zero_shot.test.miou"] == pytest.approx(1 / 4)
+    assert metrics["zero_shot.test.segment_crack.miou"] == pytest.approx(1 / 2)
+    with open(tmp_path / "plots" / "eval_per_prompt.csv") as handle:
+        per_prompt = {row["prompt"]: row for row in csv.DictReader(handle)}
+    assert float(per_prompt["segment crack"]["zero_shot_miou"]) == pytest.approx(0.5)
+    assert float(per_prompt["segment crack"]["threshold"]) == 0.7
+    with open(tmp_path / "plots" / "eval_per_image.csv") as handle:
+        reader = csv.DictReader(handle)
+        assert reader.fieldnames == ["image_id", "dataset", "prompt", "iou", "dice", "gt_fg_fraction", "pred_fg_fraction"]
+        assert len(list(reader)) == 4
+    with open(tmp_path / "plots" / "threshold_sweep.csv") as handle:
+        reader = csv.DictReader(handle)
+        assert reader.fieldnames == ["prompt", "threshold", "val_miou", "val_dice", "precision", "recall"]
+        assert len(list(reader)) == len(ALL_PROMPTS) * len(THRESHOLDS)
+
+
+def test_flat_val_curve_picks_the_threshold_closest_to_0_5():
+    nothing_found = [[Counts(0, 0, 5, 10)] * 3]  # one pair, same counts at every threshold
+    chosen, _ = choose_thresholds({"p": nothing_found}, [0.3, 0.5, 0.7])
+    assert chosen == {"p": 0.5}
+
+
+def test_missing_mask_is_named(dataset):
+    root, manifest, model, _ = dataset
+    missing = root / manifest.loc[manifest["image_id"] == "c_test", "mask_path"].iloc[0]
+    missing.unlink()
+    with pytest.raises(EvaluationError, match="c_test__segment_crack.png does not exist"):
+        evaluate_predictions(model, manifest, ALL_PROMPTS, THRESHOLDS, None, root)
+
+
+def test_mask_outside_the_contract_is_rejected(dataset):
+    root, manifest, model, _ = dataset
+    path = root / manifest.loc[manifest["image_id"] == "c_val", "mask_path"].iloc[0]
+    Image.fromarray(np.full((H, W), 1, np.uint8), mode="L").save(path)
+    with pytest.raises(EvaluationError, match="values other than 0 and 255"):
+        evaluate_predictions(model, manifest, ALL_PROMPTS, THRESHOLDS, None, root)
+
+
+def test_wrong_model_output_shape_is_an_error(dataset):
+    root, manifest, _, _ = dataset
+
+    def half_size(images, prompts):
+        return [np.zeros((len(prompts), H // 2, W // 2), np.float32) for _ in images]
+
+    with pytest.raises(EvaluationError, match="expected"):
+        evaluate_predictions(half_size, manifest, ALL_PROMPTS, THRESHOLDS, None, root)
+
+
+def test_prompt_missing_from_params_is_an_error(dataset):
+    root, manifest, model, _ = dataset
+    with pytest.raises(EvaluationError, match="not in params.yaml"):
+        evaluate_predictions(model, manifest, ["segment crack"], THRESHOLDS, None, root)
+
+
+def test_missing_manifest_names_the_stage(tmp_path):
+    with pytest.raises(EvaluationError, match="run the `split` stage"):
+        read_manifest(tmp_path / "manifest.csv")
+
+
+def test_runtime_warms_up_then_times_each_image_and_a_batch():
+    model = FakeModel()
+    images = [Image.new("RGB", (W, H), (i, 0, 0)) for i in range(3)]
+    runtime = measure_runtime(model, images, ["a"], ["a", "b"], warmup=1)
+    assert model.calls == [(1, ["a"]), (1, ["a", "b"])] + [(1, ["a"])] * 3 + [(1, ["a", "b"])] * 3 + [(3, ["a", "b"])]
+    assert runtime["runtime.timing_images"] == 3 and runtime["runtime.n_prompts_all"] == 2
+    assert runtime["runtime.ms_per_image_1_prompt"] > 0 and runtime["runtime.images_per_s"] > 0
+
+
+def test_run_evaluation_with_a_tiny_model(dataset, tmp_path):
+    """The stage's library entry point end to end with a tiny, randomly initialised CLIPSeg."""
+    torch = pytest.importorskip("torch")
+    from drywall_qa.evaluate import run_evaluation
+    from drywall_qa.model import build_model
+
+    torch.set_num_threads(1)
+    root, _, _, _ = dataset
+    model_params = {"preset": "tiny", "weights": None, "image_size": 32, "freeze_backbone": False}
+    model, processor = build_model(**model_params, prompts=ALL_PROMPTS)
+    model.save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    (root / "pred").mkdir()
+    (root / "pred" / "stale.png").write_bytes(b"old run")  # replaced, not merged
+    result = run_evaluation(
+        model_dir=root / "model", manifest_path=root / "manifest.csv",
+        prompts=PROMPTS, model_params=model_params, thresholds=THRESHOLDS, batch_size=2, zero_shot=True,
+        timing_images=2, seed=0, predictions_dir=root / "pred", metrics_path=root / "eval.json",
+        plots_dir=root / "plots", repo_root=root, device="cpu",
+    )
+    metrics = json.loads((root / "eval.json").read_text())
+    assert metrics == pytest.approx({k: round(v, 6) if isinstance(v, float) else v for k, v in result.metrics.items()})
+    assert metrics["footprint.params"] == sum(p.numel() for p in model.parameters())
+    assert metrics["footprint.checkpoint_bytes"] >= (root / "model" / "model.safetensors").stat().st_size
+    assert metrics["footprint.peak_rss_bytes"] > 10_000_000
+    assert metrics["runtime.timing_images"] == 2 and metrics["runtime.ms_per_image_all_prompts"] > 0
+    assert metrics["runtime.device"].startswith("cpu")
+    assert 0 <= metrics["zero_shot.test.miou"] <= 1 and 0 <= metrics["test.miou"] <= 1
+    assert not (root / "pred" / "stale.png").exists()
+    assert len(list((root / "pred").rglob("*.png"))) == 3 * len(ALL_PROMPTS)
+    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []  # no staging folder left
+
+
+def test_run_evaluation_names_a_missing_model(dataset):
+    from drywall_qa.evaluate import run_evaluation
+
+    root, _, _, _ = dataset
+    with pytest.raises(EvaluationError, match="run the `train` stage"):
+        run_evaluation(
+            model_dir=root / "nope", manifest_path=root / "manifest.csv", prompts=PROMPTS, model_params={},
+            thresholds=THRESHOLDS, batch_size=2, zero_shot=False, timing_images=1, seed=0,
+            predictions_dir=root / "pred", metrics_path=root / "eval.json", plots_dir=root / "plots", repo_root=root,
+        )

@@ -1,0 +1,152 @@
+"""The generated report: sections, the data/weights line, numbers taken from the metrics, clear errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from drywall_qa.evaluate import measure_runtime, summary_metrics
+from drywall_qa.metrics import Counts
+from drywall_qa.naming import prompt_slug
+from drywall_qa.params import load_params
+from drywall_qa.report import ReportError, build_report, load_inputs, write_report
+
+PARAMS = load_params(Path(__file__).parents[1] / "params.yaml")
+SECTIONS = [
+    "## Goal", "## Approach and model", "## Data and splits", "## Training", "## Test results",
+    "## Visual examples", "## Failure cases", "## Runtime and footprint", "## Reproducibility",
+]
+
+
+def _eval_metrics() -> dict:
+    """eval.json built with the evaluation's own functions, so the key names are the real ones."""
+    pairs = []
+    for dataset, prompts in PARAMS["prompts"].items():
+        for index, prompt in enumerate(prompts):
+            pairs += [{"dataset": dataset, "prompt": prompt, "counts": Counts(30 + index, 10, 10, 950)},
+                      {"dataset": dataset, "prompt": prompt, "counts": Counts(0, 0, 0, 1000)}]
+    metrics = summary_metrics(pairs, "test") | summary_metrics(pairs[::2], "zero_shot.test")
+    metrics |= {f"threshold.{prompt_slug(p)}": 0.4 for ps in PARAMS["prompts"].values() for p in ps}
+    metrics |= {"val.miou": 0.77, "zero_shot.threshold": 0.5, "cross_prompt.test.pred_fg_fraction": 0.01,
+                "cross_prompt.test.empty_rate": 0.9, "cross_prompt.test.pairs": 20}
+    metrics |= measure_runtime(lambda images, prompts: [None] * len(images), [Image.new("RGB", (4, 4))], ["a"], ["a", "b"])
+    metrics |= {"runtime.device": "cpu (x86_64, 2 threads)", "footprint.params": 920674,
+                "footprint.checkpoint_bytes": 3_700_000, "footprint.peak_rss_bytes": 600_000_000}
+    return metrics
+
+
+def _split_counts(images: int) -> dict:
+    return {"images": images, "groups": images - 1, "pairs": images * 2, "image_fraction": 0.7, "target_fraction": 0.7}
+
+
+@pytest.fixture
+def inputs_on_disk(tmp_path):
+    files = {
+        "source.json": {
+            "source": "synthetic", "seed": 42, "generator": {"source_images": 80},
+            "datasets": {name: {"workspace": "ws", "project": name, "version": 1, "format": "coco",
+                                "geometry": "polygons", "images": 100, "annotations": 150,
+                                "splits": {"train": {"images": 70}}} for name in ("cracks", "taping")},
+        },
+        "conversion.json": {
+            "datasets": {
+                name: {
+                    "annotations": {"seen": 150, "converted": 147, "skipped": 3,
+                                    "skipped_by_reason": {"polygon_lt_3_points": 3, "malformed": 0},
+                                    "converted_by_kind": {"polygon": 147, "box": 0, "rle": 0}},
+                    "images": {"seen": 100, "converted": 100, "skipped": 0, "skipped_by_reason": {},
+                               "empty_masks": 7},
+                } for name in ("cracks", "taping")
+            },
+        },
+        "split.json": {"seed": 42, "datasets": {name: {"train": _split_counts(70), "val": _split_counts(15),
+                                                       "test": _split_counts(15), "groups_across_source_splits": 4}
+                                                for name in ("cracks", "taping")}},
+        "train.json": {"weights_init": "scratch:tiny", "best_epoch": 9, "best_val_miou": 0.61, "best_val_dice": 0.7,
+                       "epochs_run": 12, "seconds": 321.5, "device": "cpu", "trainable_params": 920674,
+                       "frozen_backbone": False, "train_images": 140, "val_images": 30},
+        "eval.json": _eval_metrics(),
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_text(json.dumps(content))
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    names = ["training_curves.png", "threshold_sweep.png", "prompt_sensitivity.png"] + [
+        f"{kind}__{prompt_slug(p)}.png" for ps in PARAMS["prompts"].values() for p in ps for kind in ("examples", "failures")
+    ]
+    for name in names:
+        Image.new("RGB", (4, 4)).save(figures / name)
+    return tmp_path
+
+
+def _load(root: Path):
+    return load_inputs(root / "source.json", root / "conversion.json", root / "split.json", root / "train.json",
+                       root / "eval.json", root / "figures")
+
+
+def _build(root: Path, **changes) -> str:
+    inputs = _load(root)
+    for name, value in changes.items():
+        setattr(inputs, name, value)
+    return build_report(inputs, PARAMS, git_commit="abc123", raw_data_hash="d41d8cd9.dir",
+                        mlflow_ids={"pipeline run": "run42"})
+
+
+def test_report_has_every_section_and_states_data_and_weights_first(inputs_on_disk):
+    report = _build(inputs_on_disk)
+    lines = report.splitlines()
+    assert lines[2] == "**Data: synthetic (generated offline), weights: scratch (tiny)**"
+    assert "say **nothing** about how the" in report  # the synthetic warning
+    positions = [report.index(section) for section in SECTIONS]
+    assert positions == sorted(positions)
+    for text in ("abc123", "d41d8cd9.dir", "run42", "`polygon_lt_3_points` 3", "seed: 42"):
+        assert text in report, text
+
+
+def test_report_numbers_come_from_the_metrics(inputs_on_disk):
+    metrics = json.loads((inputs_on_disk / "eval.json").read_text())
+    report = _build(inputs_on_disk)
+    assert f"Test mIoU **{metrics['test.miou']:.4f}**" in report
+    assert f"| cracks | `segment crack` | 0.4 | {metrics['test.segment_crack.miou']:.4f} |" in report
+    assert f"{metrics['zero_shot.test.segment_crack.miou']:.4f}" in report
+    assert "920,674" in report and "3.5 MiB" in report
+    assert "](../plots/figures/examples__segment_joint-tape.png)" in report
+
+
+def test_report_of_real_data_and_pretrained_weights(inputs_on_disk):
+    inputs = _load(inputs_on_disk)
+    source = inputs.source | {"source": "roboflow"}
+    train = inputs.train | {"weights_init": "CIDAS/clipseg-rd64-refined"}
+    report = _build(inputs_on_disk, source=source, train=train)
+    assert report.splitlines()[2] == "**Data: Roboflow, weights: pretrained `CIDAS/clipseg-rd64-refined`**"
+    assert "Warning: synthetic data" not in report
+
+
+def test_missing_input_names_the_file(inputs_on_disk):
+    (inputs_on_disk / "train.json").unlink()
+    with pytest.raises(ReportError, match=r"train\.json does not exist: run the `train` stage"):
+        _load(inputs_on_disk)
+
+
+def test_missing_figure_names_the_file(inputs_on_disk):
+    (inputs_on_disk / "figures" / "failures__segment_crack.png").unlink()
+    with pytest.raises(ReportError, match="failures__segment_crack.png does not exist"):
+        _build(inputs_on_disk)
+
+
+def test_missing_metric_names_the_key(inputs_on_disk):
+    metrics = json.loads((inputs_on_disk / "eval.json").read_text())
+    del metrics["threshold.segment_taping_area"]
+    with pytest.raises(ReportError, match="threshold.segment_taping_area"):
+        _build(inputs_on_disk, eval=metrics)
+
+
+def test_write_report(inputs_on_disk, tmp_path):
+    paths = write_report(_build(inputs_on_disk), tmp_path / "reports")
+    assert paths[0] == tmp_path / "reports" / "report.md"
+    assert paths[0].read_text().startswith("# drywall-qa")
+    if len(paths) == 2:  # markdown-it-py installed
+        html = paths[1].read_text()
+        assert "<table>" in html and 'src="../plots/figures/training_curves.png"' in html
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == sorted(p.name for p in paths)
