@@ -82,13 +82,14 @@ def split_metrics_diff(diff: dict[str, dict[str, dict[str, Any]]], metrics_file:
 
 def run_metrics_diff(metrics_file: str, baseline_rev: str = "HEAD", repo: str | Path = ".") -> dict:
     """`dvc metrics diff --json --all <rev> -- <file>`: the baseline at `rev` against the workspace."""
-    command = ["dvc", "metrics", "diff", "--json", "--all", baseline_rev, "--targets", metrics_file]
+    # this interpreter's dvc (a dependency of the package), not whichever `dvc` is first on PATH
+    command = [sys.executable, "-m", "dvc", "metrics", "diff", "--json", "--all", baseline_rev, "--targets", metrics_file]
     try:
         result = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.SubprocessError) as error:
-        raise GateError(f"could not run {' '.join(command)}: {error}") from None
+        raise GateError(f"could not run `dvc metrics diff`: {error}") from None
     if result.returncode != 0:
-        raise GateError(f"{' '.join(command)} failed: {result.stderr.strip()[-500:]}")
+        raise GateError(f"`{' '.join(command[2:])}` failed: {result.stderr.strip()[-500:]}")
     text = result.stdout.strip()
     return json.loads(text) if text else {}
 
