@@ -26,7 +26,7 @@ def _eval_metrics() -> dict:
         for index, prompt in enumerate(prompts):
             pairs += [{"dataset": dataset, "prompt": prompt, "counts": Counts(30 + index, 10, 10, 950)},
                       {"dataset": dataset, "prompt": prompt, "counts": Counts(0, 0, 0, 1000)}]
-    metrics = summary_metrics(pairs, "test") | summary_metrics(pairs[::2], "zero_shot.test")
+    metrics = summary_metrics(pairs, "test") | summary_metrics(pairs[::2], "zero_shot.test", per_group=("miou", "dice"))
     metrics |= {f"threshold.{prompt_slug(p)}": 0.4 for ps in PARAMS["prompts"].values() for p in ps}
     metrics |= {"val.miou": 0.77, "zero_shot.threshold": 0.5, "cross_prompt.test.pred_fg_fraction": 0.01,
                 "cross_prompt.test.empty_rate": 0.9, "cross_prompt.test.pairs": 20}

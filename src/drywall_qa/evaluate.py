@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import os
 import platform
-import resource
 import shutil
 import sys
 import time
@@ -30,12 +29,10 @@ from PIL import Image, UnidentifiedImageError
 from drywall_qa.convert import write_csv_atomic, write_json_atomic
 from drywall_qa.metrics import Counts, binarize, confusion_counts, dice, iou, precision, recall, summarize, threshold_counts
 from drywall_qa.naming import mask_file_name, prompt_slug
+from drywall_qa.split import MANIFEST_COLUMNS
 
 PredictFn = Callable[[list[Image.Image], list[str]], list[np.ndarray]]
 
-MANIFEST_COLUMNS = [
-    "dataset", "split", "image_id", "image_path", "mask_path", "prompt", "group", "width", "height", "source_split"
-]
 PER_IMAGE_COLUMNS = ["image_id", "dataset", "prompt", "iou", "dice", "gt_fg_fraction", "pred_fg_fraction"]
 PER_PROMPT_COLUMNS = ["prompt", "dataset", "test_miou", "test_dice", "zero_shot_miou", "threshold", "pairs"]
 SWEEP_COLUMNS = ["prompt", "threshold", "val_miou", "val_dice", "precision", "recall"]
@@ -273,15 +270,31 @@ def write_mask(path: Path, mask: np.ndarray) -> None:
     Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(path)
 
 
-def summary_metrics(pairs: list[dict], prefix: str) -> dict[str, float]:
-    """Flat metrics of scored pairs: overall, per dataset and per prompt (slug), under `prefix`."""
+ALL_METRICS = ("miou", "dice", "iou_dataset", "dice_dataset", "pixel_accuracy", "precision", "recall", "pairs")
+GROUP_METRICS = ("miou", "dice", "iou_dataset", "precision", "recall", "pairs")
+
+
+def summary_metrics(
+    pairs: list[dict],
+    prefix: str,
+    overall: Sequence[str] = ALL_METRICS,
+    per_group: Sequence[str] = GROUP_METRICS,
+    groups: Sequence[str] = ("dataset", "prompt"),
+) -> dict[str, float]:
+    """Flat metrics of scored pairs under `prefix`: `overall` ones over all pairs, `per_group` ones per
+    dataset (`<prefix>.<dataset>.<metric>`) and per prompt (`<prefix>.<prompt_slug>.<metric>`).
+
+    Fewer keys for the secondary evaluations keep `dvc exp show` readable.
+    """
     if not pairs:
         raise EvaluationError(f"no scored pairs for {prefix!r}")
-    metrics = {f"{prefix}.{key}": value for key, value in summarize(p["counts"] for p in pairs).items()}
-    for column, name_of in (("dataset", str), ("prompt", prompt_slug)):
+    summary = summarize(p["counts"] for p in pairs)
+    metrics = {f"{prefix}.{key}": summary[key] for key in overall}
+    for column in groups:
+        name_of = prompt_slug if column == "prompt" else str
         for value in sorted({p[column] for p in pairs}):
             subset = summarize(p["counts"] for p in pairs if p[column] == value)
-            metrics |= {f"{prefix}.{name_of(value)}.{key}": score for key, score in subset.items()}
+            metrics |= {f"{prefix}.{name_of(value)}.{key}": subset[key] for key in per_group}
     return metrics
 
 
@@ -334,6 +347,12 @@ def folder_bytes(path: str | Path) -> int:
 
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    try:
+        import resource
+    except ImportError:  # Windows: psutil's peak working set
+        import psutil
+
+        return int(psutil.Process().memory_info().peak_wset)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
@@ -389,7 +408,9 @@ def evaluate_predictions(
     sweep = sweep_thresholds(predict_fn, val, thresholds, repo_root, chunk_size)
     chosen, sweep_rows = choose_thresholds(sweep, thresholds)
     metrics: dict[str, Any] = {f"threshold.{prompt_slug(p)}": t for p, t in chosen.items()}
-    metrics |= summary_metrics(_val_pairs_at(sweep, chosen, thresholds), "val")
+    # val only chose the thresholds: its scores at them, overall and per prompt
+    val_pairs = _val_pairs_at(sweep, chosen, thresholds)
+    metrics |= summary_metrics(val_pairs, "val", overall=("miou", "dice"), per_group=("miou",), groups=("prompt",))
 
     test_scores = score_split(predict_fn, test, chosen, all_prompts, predictions_dir, repo_root, chunk_size)
     metrics |= summary_metrics(test_scores.pairs, "test")
@@ -427,7 +448,7 @@ def add_zero_shot(
     """Score test with the untrained model at threshold 0.5 into `zero_shot.test.*` and the per-prompt rows."""
     test = split_images(manifest, "test")
     pairs = score_split(zero_shot_predict_fn, test, ZERO_SHOT_THRESHOLD, (), None, repo_root, chunk_size).pairs
-    zero_shot = summary_metrics(pairs, "zero_shot.test")
+    zero_shot = summary_metrics(pairs, "zero_shot.test", overall=("miou", "dice", "iou_dataset"), per_group=("miou", "dice"))
     result.metrics |= zero_shot
     result.metrics["zero_shot.threshold"] = ZERO_SHOT_THRESHOLD
     for row in result.per_prompt:
@@ -435,10 +456,7 @@ def add_zero_shot(
 
 
 def _val_pairs_at(sweep: dict[str, list[list[Counts]]], chosen: dict[str, float], thresholds: Sequence[float]) -> list[dict]:
-    """Val pairs at each prompt's chosen threshold, in the shape `summary_metrics` reads.
-
-    The dataset is unknown here, so val gets overall and per-prompt scores only.
-    """
+    """Val pairs at each prompt's chosen threshold, in the shape `summary_metrics` reads (per prompt only)."""
     pairs = []
     for prompt, per_pair in sweep.items():
         index = list(thresholds).index(chosen[prompt])

@@ -1,0 +1,257 @@
+"""`drywall-qa` command line: `drywall-qa predict` writes masks for images with a trained model.
+
+    drywall-qa predict --model models/clipseg/best --out masks/ photos/ extra.jpg
+    drywall-qa predict --model models:/drywall-qa-clipseg/1 --thresholds-from metrics/eval.json --out masks/ photos/
+
+Masks follow the project's contract: `<out>/<image_id>__<prompt_slug>.png`, single-channel, values
+{0, 255}, the image's original size (pixels as stored: no EXIF rotation, like the training data).
+
+Errors: an unknown model or bad arguments stop at once with one line and exit code 2. An image that
+cannot be read is reported on one line and skipped; the others are still predicted, and the exit
+code is then 2 with a count of the skipped images (so scripts notice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from drywall_qa.naming import image_id_of, mask_file_name, prompt_slug
+
+DEFAULT_PROMPTS = ["segment crack", "segment taping area"]
+DEFAULT_THRESHOLD = 0.5
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+# `models:/name/1`, `runs:/<id>/model`, `mlflow-artifacts:/...`, `s3://...`: a scheme of 2+ characters
+# (so a Windows drive letter `C:` is still a path).
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
+
+
+class CliError(Exception):
+    """A problem the user can fix; printed as one line, exit code 2."""
+
+
+# ---------------------------------------------------------------- model
+
+
+def is_mlflow_uri(model: str) -> bool:
+    return bool(_URI.match(model)) and not Path(model).exists()
+
+
+def find_checkpoint(root: Path) -> Path:
+    """The `save_pretrained` folder in `root` or below (a model folder has `config.json` and weights)."""
+    candidates = sorted(
+        {p.parent for p in root.rglob("config.json")
+         if any((p.parent / name).is_file() for name in ("model.safetensors", "pytorch_model.bin"))},
+        key=lambda p: (len(p.parts), str(p)),
+    )
+    if not candidates:
+        raise CliError(f"{root} holds no saved CLIPSeg model (a folder with config.json and model.safetensors)")
+    return candidates[0]
+
+
+def resolve_model_dir(model: str, download_dir: Path) -> Path:
+    """A local checkpoint folder for `model`: the folder itself, or the MLflow artifacts downloaded."""
+    if is_mlflow_uri(model):
+        import mlflow
+
+        from drywall_qa.tracking import redact_uri, tracking_uri
+
+        mlflow.set_tracking_uri(tracking_uri(Path.cwd()))
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(download_dir))
+        except Exception as error:  # noqa: BLE001 - MLflow raises many types; all mean "cannot get this model"
+            detail = " ".join(str(error).split())[:300]
+            raise CliError(f"cannot download MLflow model {redact_uri(model)}: {detail}") from None
+        return find_checkpoint(Path(local))
+    path = Path(model)
+    if not path.is_dir():
+        raise CliError(f"model folder {model} does not exist (give a save_pretrained folder or an MLflow URI "
+                       "such as models:/drywall-qa-clipseg/1)")
+    return find_checkpoint(path)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def collect_images(inputs: Sequence[str]) -> list[Path]:
+    """Image files named directly, plus the image files directly inside named folders (sorted)."""
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            paths += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise CliError(f"{item} does not exist")
+    if not paths:
+        raise CliError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(inputs)}")
+    by_id: dict[str, Path] = {}
+    for path in paths:
+        other = by_id.setdefault(image_id_of(path.name), path)
+        if other != path:
+            raise CliError(f"{other} and {path} share the image id {image_id_of(path.name)!r}: their masks would collide")
+    return list(by_id.values())
+
+
+def thresholds_for(prompts: Sequence[str], threshold: float | None, thresholds_from: str | None) -> dict[str, float]:
+    """`--threshold` for every prompt; else `threshold.<slug>` of an eval.json; else 0.5."""
+    if threshold is not None:
+        if not 0 <= threshold <= 1:
+            raise CliError(f"--threshold must be within [0, 1], got {threshold}")
+        return {prompt: threshold for prompt in prompts}
+    chosen = {prompt: DEFAULT_THRESHOLD for prompt in prompts}
+    if thresholds_from:
+        try:
+            metrics = json.loads(Path(thresholds_from).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise CliError(f"cannot read thresholds from {thresholds_from}: {error}") from None
+        for prompt in prompts:
+            key = f"threshold.{prompt_slug(prompt)}"
+            if key in metrics:
+                chosen[prompt] = float(metrics[key])
+            else:
+                print(f"drywall-qa: {thresholds_from} has no {key}; using {DEFAULT_THRESHOLD} for {prompt!r}",
+                      file=sys.stderr)
+    return chosen
+
+
+def read_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise CliError(f"cannot read image {path}: {' '.join(str(error).split())[:200]}") from None
+
+
+# ---------------------------------------------------------------- predicting
+
+
+@dataclass
+class PredictSummary:
+    images: int = 0
+    masks: int = 0
+    skipped: list[str] = field(default_factory=list)  # one message per unreadable image
+
+
+def write_mask_atomic(path: Path, mask: np.ndarray) -> None:
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def predict_to_folder(
+    model,
+    processor,
+    paths: Sequence[Path],
+    prompts: Sequence[str],
+    thresholds: dict[str, float],
+    out_dir: Path,
+    device: str | None = None,
+    batch_size: int = 8,
+) -> PredictSummary:
+    """Masks of every readable image for every prompt; images go to the model `batch_size` at a
+    time, each image through the vision encoder once for all prompts."""
+    from tqdm import tqdm
+
+    from drywall_qa.inference import predict_probs
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = PredictSummary()
+    progress = tqdm(total=len(paths), unit="img", desc="predict", disable=None)
+    for start in range(0, len(paths), batch_size):
+        batch: list[tuple[Path, Image.Image]] = []
+        for path in paths[start : start + batch_size]:
+            try:
+                batch.append((path, read_image(path)))
+            except CliError as error:
+                summary.skipped.append(str(error))
+                print(f"drywall-qa: {error} (skipped)", file=sys.stderr)
+        if batch:
+            probs = predict_probs(
+                model, processor, [image for _, image in batch], list(prompts), device=device, batch_size=batch_size
+            )
+            for (path, _), image_probs in zip(batch, probs, strict=True):
+                for prompt, prob in zip(prompts, image_probs, strict=True):
+                    write_mask_atomic(out_dir / mask_file_name(image_id_of(path.name), prompt), prob >= thresholds[prompt])
+                    summary.masks += 1
+                summary.images += 1
+        progress.update(len(paths[start : start + batch_size]))
+    progress.close()
+    return summary
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    prompts = list(dict.fromkeys(args.prompt or DEFAULT_PROMPTS))
+    if args.batch_size < 1:
+        raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
+    thresholds = thresholds_for(prompts, args.threshold, args.thresholds_from)
+    paths = collect_images(args.inputs)
+    # a downloaded MLflow model lives in a temporary folder for as long as it is used (weights may be mmapped)
+    with tempfile.TemporaryDirectory(prefix="drywall-qa-model-") as download_dir:
+        model_dir = resolve_model_dir(args.model, Path(download_dir))
+        from drywall_qa.model import load_model
+
+        try:
+            model, processor = load_model(model_dir)
+        except (OSError, ValueError) as error:
+            raise CliError(f"cannot load the model in {model_dir}: {' '.join(str(error).split())[:300]}") from None
+        summary = predict_to_folder(
+            model, processor, paths, prompts, thresholds, Path(args.out), args.device, args.batch_size
+        )
+    shown = ", ".join(f"{p!r} at {t:g}" for p, t in thresholds.items())
+    print(f"drywall-qa: wrote {summary.masks} masks for {summary.images} images to {args.out} ({shown})")
+    if summary.skipped:
+        print(f"drywall-qa: {len(summary.skipped)} of {len(paths)} images could not be read and were skipped",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="drywall-qa", description="Text-prompted drywall segmentation (CLIPSeg).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    predict = commands.add_parser(
+        "predict", help="write masks for images",
+        description="Write a {0,255} mask per image and prompt, named <image_id>__<prompt_slug>.png. "
+                    "Unreadable images are skipped and make the exit code 2.",
+    )
+    predict.add_argument("--model", required=True,
+                         help="a save_pretrained folder (models/clipseg/best) or an MLflow model URI "
+                              "(models:/drywall-qa-clipseg/1, runs:/<run_id>/model)")
+    predict.add_argument("--out", required=True, help="folder for the masks (created)")
+    predict.add_argument("--prompt", action="append",
+                         help=f"a prompt; repeat for several (default: {', '.join(DEFAULT_PROMPTS)})")
+    predict.add_argument("--threshold", type=float, help="probability threshold for every prompt")
+    predict.add_argument("--thresholds-from", metavar="EVAL_JSON",
+                         help="take each prompt's threshold from `threshold.<prompt_slug>` of this metrics/eval.json "
+                              f"(default without either option: {DEFAULT_THRESHOLD})")
+    predict.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
+    predict.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
+                         help="image files, or folders whose image files are all predicted")
+    predict.set_defaults(handler=predict_command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except CliError as error:
+        print(f"drywall-qa: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
