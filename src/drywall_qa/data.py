@@ -103,6 +103,45 @@ def image_records(rows: Sequence[dict[str, str]], split: str, root: str | Path =
     return records
 
 
+def read_rgb(path: Path) -> np.ndarray:
+    """An image file as RGB uint8 `[H, W, 3]`; `ManifestError` if unreadable."""
+    try:
+        with Image.open(path) as handle:
+            return np.asarray(handle.convert("RGB"))
+    except (OSError, ValueError) as error:
+        raise ManifestError(f"cannot read image {path}: {error}") from error
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize to `[size, size]`: INTER_AREA averages when shrinking (no aliasing), bilinear when enlarging."""
+    height, width = image.shape[:2]
+    shrink = height >= size and width >= size
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def channel_statistics(records: Sequence[ImageRecord], image_size: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (in [0, 1] units) of the images at the model's input size.
+
+    A model trained from scratch normalises with its training images' statistics: drywall photos
+    are grey and low in contrast, and with ImageNet's mean/std the shared grey offset dwarfs the
+    within-image differences (cracks, joints) a randomly initialised ViT has to pick up.
+    """
+    if not records:
+        raise ManifestError("no images to compute channel statistics from")
+    total = np.zeros(3)
+    total_sq = np.zeros(3)
+    count = 0
+    for record in records:
+        pixels = resize_image(read_rgb(record.image_path), image_size).reshape(-1, 3).astype(np.float64) / 255.0
+        total += pixels.sum(0)
+        total_sq += np.square(pixels).sum(0)
+        count += len(pixels)
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - np.square(mean), 0.0))
+    std = np.maximum(std, 1e-3)  # a constant channel must not divide by zero
+    return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
+
+
 def build_augmentation() -> A.Compose:
     """Joint image + mask augmentation at the model's input size: flips, a small affine, photometric."""
     return A.Compose(
@@ -244,15 +283,9 @@ class SegmentationDataset(Dataset):
 
     def _read(self, record: ImageRecord) -> tuple[np.ndarray, np.ndarray]:
         size = self.image_size
-        try:
-            with Image.open(record.image_path) as handle:
-                image = np.asarray(handle.convert("RGB"))
-        except (OSError, ValueError) as error:
-            raise ManifestError(f"cannot read image {record.image_path}: {error}") from error
-        height, width = image.shape[:2]
-        # INTER_AREA averages when shrinking (no aliasing); it is not meant for enlarging.
-        shrink = height >= size and width >= size
-        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        original = read_rgb(record.image_path)
+        height, width = original.shape[:2]
+        image = resize_image(original, size)
         masks = []
         for mask_path in record.mask_paths:
             try:

@@ -147,7 +147,9 @@ def _vocab(base_vocab: list[str], merged_tokens: list[str]) -> dict[str, int]:
     return {token: index for index, token in enumerate(tokens)}
 
 
-def build_image_processor(image_size: int) -> ViTImageProcessorPil:
+def build_image_processor(
+    image_size: int, image_mean: Sequence[float] = IMAGE_MEAN, image_std: Sequence[float] = IMAGE_STD
+) -> ViTImageProcessorPil:
     """CLIPSeg's image processor (ViT's; the PIL backend, no torchvision needed) at `image_size`."""
     return ViTImageProcessorPil(
         do_resize=True,
@@ -155,8 +157,8 @@ def build_image_processor(image_size: int) -> ViTImageProcessorPil:
         resample=2,  # bilinear, as CLIPSeg's checkpoints
         do_rescale=True,
         do_normalize=True,
-        image_mean=list(IMAGE_MEAN),
-        image_std=list(IMAGE_STD),
+        image_mean=list(image_mean),
+        image_std=list(image_std),
     )
 
 
@@ -196,13 +198,17 @@ def build_model(
     freeze_backbone: bool,
     *,
     prompts: Sequence[str] = (),
+    image_mean: Sequence[float] = IMAGE_MEAN,
+    image_std: Sequence[float] = IMAGE_STD,
 ) -> tuple[CLIPSegForImageSegmentation, CLIPSegProcessor]:
     """A CLIPSeg model and its processor.
 
     `weights`: a Hub id (e.g. `CIDAS/clipseg-rd64-refined`) or a local `save_pretrained` folder, whose
-    architecture wins over `preset`; or None to build `preset` from scratch with an offline tokenizer
-    that makes each word of `prompts` one token. The processor resizes images to `image_size`.
-    `freeze_backbone`: True trains only the decoder (CLIP encoders get `requires_grad=False`).
+    architecture and processor win over `preset`; or None to build `preset` from scratch with an
+    offline tokenizer that makes each word of `prompts` one token and a processor normalising with
+    `image_mean`/`image_std` (training passes its images' statistics). The processor resizes images
+    to `image_size`. `freeze_backbone`: True trains only the decoder (CLIP encoders get
+    `requires_grad=False`).
     """
     if weights:
         model = CLIPSegForImageSegmentation.from_pretrained(str(weights))
@@ -215,7 +221,9 @@ def build_model(
         tokenizer = build_tokenizer(prompts)
         model = CLIPSegForImageSegmentation(scratch_config(preset, image_size, tokenizer))
         reset_decoder_projections(model)
-        processor = CLIPSegProcessor(image_processor=build_image_processor(image_size), tokenizer=tokenizer)
+        processor = CLIPSegProcessor(
+            image_processor=build_image_processor(image_size, image_mean, image_std), tokenizer=tokenizer
+        )
     set_backbone_trainable(model, trainable=not freeze_backbone)
     return model, processor
 

@@ -230,7 +230,8 @@ def dvc_lock_digest(out_path: str, root: Path | None = None) -> str | None:
     """The md5 DVC recorded in dvc.lock for an output path, if any."""
     import yaml
 
-    lock_file = (root or repo_root()) / "dvc.lock"
+    # the stage's working copy (cwd), not DVC_ROOT: `dvc exp run --temp` runs stages in a copy of the repo
+    lock_file = (root or Path.cwd()) / "dvc.lock"
     if not lock_file.exists():
         return None
     lock = yaml.safe_load(lock_file.read_text()) or {}

@@ -40,6 +40,7 @@ from transformers import (
 from drywall_qa.activation_cache import ActivationCache
 from drywall_qa.data import (
     SegmentationDataset,
+    channel_statistics,
     collate_pairs,
     fingerprint_json,
     file_sha256,
@@ -333,9 +334,14 @@ def train(
     all_prompts = [prompt for dataset in sorted(prompts) for prompt in prompts[dataset]]
     if resume_state is not None:
         model, processor = build_model(config.preset, output_dir / "last", config.image_size, config.freeze_backbone)
+    elif config.weights:
+        model, processor = build_model(config.preset, config.weights, config.image_size, config.freeze_backbone)
     else:
+        mean, std = channel_statistics(train_records, config.image_size)
+        log(f"train: from scratch; normalising with the train images' mean {mean} and std {std}")
         model, processor = build_model(
-            config.preset, config.weights, config.image_size, config.freeze_backbone, prompts=all_prompts
+            config.preset, None, config.image_size, config.freeze_backbone,
+            prompts=all_prompts, image_mean=mean, image_std=std,
         )
     set_backbone_trainable(model, not config.freeze_backbone)
     model.to(device_)
