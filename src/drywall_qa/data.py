@@ -157,7 +157,7 @@ def build_augmentation() -> A.Compose:
                 fill_mask=0,
                 p=0.5,
             ),
-            A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
+            A.RandomBrightnessContrast(brightness_limit=0.05, contrast_limit=0.1, p=0.5),
         ]
     )
 

@@ -162,12 +162,21 @@ def set_determinism(seed: int, num_threads: int) -> None:
 def segmentation_loss(
     logits: torch.Tensor, masks: torch.Tensor, bce_weight: float, dice_weight: float
 ) -> torch.Tensor:
-    """bce_weight * mean BCE over pixels + dice_weight * mean soft Dice loss over pairs."""
+    """bce_weight * mean BCE over all pixels + dice_weight * mean soft Dice loss over the pairs whose
+    mask is not empty.
+
+    Dice is left out for empty masks: there it is ~1 for any prediction short of exactly zero, and
+    with negative prompts (half the pairs) it drags every logit down, prompt-blind, before the model
+    has learnt to tell prompts apart; training then sits at "predict nothing". BCE covers empty masks.
+    """
     logits = logits.float()
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, masks)
-    probs = torch.sigmoid(logits).flatten(1)
     targets = masks.flatten(1)
-    # +1 smoothing: an empty mask predicted empty scores a loss of ~0, not 0/0.
+    non_empty = targets.sum(1) > 0
+    if not non_empty.any():
+        return bce_weight * bce
+    probs = torch.sigmoid(logits).flatten(1)[non_empty]
+    targets = targets[non_empty]
     dice = 1 - (2 * (probs * targets).sum(1) + 1) / (probs.sum(1) + targets.sum(1) + 1)
     return bce_weight * bce + dice_weight * dice.mean()
 
