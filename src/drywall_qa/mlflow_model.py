@@ -1,0 +1,128 @@
+"""The trained checkpoint as an MLflow pyfunc model (`mlflow.transformers` cannot log CLIPSeg).
+
+Input: a pandas DataFrame with string columns
+- `image`: a path to an image file readable where the model runs, or the base64 encoding of an
+  image file's bytes (PNG/JPEG/...; a `data:image/...;base64,` prefix is allowed). A string that
+  names an existing file is read as a path; anything else must decode as base64.
+- `prompt`: the text prompt, e.g. `segment crack`.
+Params: `threshold` (probability above which a pixel is in the mask, default 0.5).
+Output: a list with one mask per row, a `uint8` array `[H, W]` with values {0, 255} at the image's
+original size (the same contract as the pipeline's mask PNGs).
+
+Rows that share an image are predicted together: one vision pass per distinct image.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from PIL import Image
+
+CHECKPOINT_ARTIFACT = "checkpoint"
+INPUT_COLUMNS = ("image", "prompt")
+
+
+class ImageInputError(ValueError):
+    """An `image` value is neither an existing file nor base64 image bytes."""
+
+
+def decode_image(value: str) -> Image.Image:
+    """An `image` cell as an RGB PIL image (see the module docstring for the accepted forms)."""
+    if not isinstance(value, str) or not value:
+        raise ImageInputError(f"image must be a non-empty string (path or base64), got {type(value).__name__}")
+    if len(value) < 4096 and os.path.isfile(value):
+        with Image.open(value) as handle:
+            return handle.convert("RGB")
+    payload = value.split(",", 1)[1] if value.startswith("data:") else value
+    try:
+        raw = base64.b64decode(payload, validate=True)
+        with Image.open(io.BytesIO(raw)) as handle:
+            return handle.convert("RGB")
+    except (binascii.Error, ValueError, OSError):
+        shown = value if len(value) <= 80 else value[:77] + "..."
+        raise ImageInputError(f"image {shown!r} is neither an existing file nor base64-encoded image bytes") from None
+
+
+class ClipSegPyfunc(mlflow.pyfunc.PythonModel):
+    """Text-prompted drywall segmentation: (image, prompt) rows -> {0, 255} masks."""
+
+    def load_context(self, context) -> None:
+        from drywall_qa.inference import select_device
+        from drywall_qa.model import load_model
+
+        self.model, self.processor = load_model(context.artifacts[CHECKPOINT_ARTIFACT])
+        self.device = select_device()
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[np.ndarray]:
+        from drywall_qa.inference import predict_probs
+
+        missing = [column for column in INPUT_COLUMNS if column not in model_input.columns]
+        if missing:
+            raise ValueError(f"input DataFrame lacks columns {missing}; expected {list(INPUT_COLUMNS)}")
+        threshold = float((params or {}).get("threshold", 0.5))
+        masks: list[np.ndarray | None] = [None] * len(model_input)
+        rows_by_image: dict[str, list[int]] = {}
+        for row, value in enumerate(model_input["image"]):
+            rows_by_image.setdefault(value, []).append(row)
+        for value, rows in rows_by_image.items():
+            image = decode_image(value)
+            prompts = list(dict.fromkeys(str(model_input["prompt"].iloc[row]) for row in rows))
+            (probs,) = predict_probs(self.model, self.processor, [image], prompts, device=self.device)
+            for row in rows:
+                prompt_index = prompts.index(str(model_input["prompt"].iloc[row]))
+                masks[row] = np.where(probs[prompt_index] > threshold, 255, 0).astype(np.uint8)
+        return masks
+
+
+def pyfunc_signature() -> ModelSignature:
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "image"), ColSpec("string", "prompt")]),
+        params=ParamSchema([ParamSpec("threshold", "double", 0.5)]),
+    )
+
+
+def pip_requirements(packages: Sequence[str] = ("torch", "transformers", "tokenizers", "safetensors",
+                                                "pillow", "numpy", "pandas", "mlflow")) -> list[str]:
+    """Pinned requirements of the serving environment (no slow inference by MLflow)."""
+    pinned = []
+    for package in packages:
+        try:
+            pinned.append(f"{package}=={version(package).split('+')[0]}")
+        except PackageNotFoundError:
+            pinned.append(package)
+    return pinned
+
+
+def log_pyfunc_model(
+    checkpoint_dir: str | Path, registered_model_name: str | None = None, name: str = "model"
+) -> mlflow.models.model.ModelInfo:
+    """Log `checkpoint_dir` (a `save_pretrained` folder) as a pyfunc model of the active run.
+
+    The `drywall_qa` package goes with it (`code_paths`), so the model loads where the package is
+    not installed. Registers it under `registered_model_name` when given.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    if not (checkpoint_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{checkpoint_dir} is not a save_pretrained checkpoint (no config.json)")
+    package_dir = Path(__file__).resolve().parent
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=ClipSegPyfunc(),
+        artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_dir)},
+        code_paths=[str(package_dir)],
+        signature=pyfunc_signature(),
+        pip_requirements=pip_requirements(),
+        registered_model_name=registered_model_name,
+    )
