@@ -35,7 +35,10 @@ def main() -> None:
         # Read before any work: a missing key fails at once, with one line.
         api_key = roboflow_api_key(os.environ) if data.get("source") == "roboflow" else None
         with stage_run("download", params={"seed": params["seed"], "data": data}, all_params=params):
-            record = fetch_raw_data(data, seed=params["seed"], raw_dir=RAW_DIR, repo_root=Path.cwd(), api_key=api_key)
+            # Relative local paths are the user's repo's: DVC_ROOT, also under `dvc exp run --temp`,
+            # whose working copy lives in .dvc/tmp/exps/ where `../shared/...` would point elsewhere.
+            repo_root = Path(os.environ.get("DVC_ROOT") or Path.cwd())
+            record = fetch_raw_data(data, seed=params["seed"], raw_dir=RAW_DIR, repo_root=repo_root, api_key=api_key)
             mlflow.log_metrics(count_metrics(record))
             mlflow.log_dict(record, "source.json")
             for name, dataset in record["datasets"].items():

@@ -6,8 +6,9 @@ dataset with their masks, and, with `negative_prompts`, the other datasets' prom
 mask (that is what teaches the model that the prompt matters). The training loop runs the vision
 encoder once per item and the decoder once per (image, prompt) pair.
 
-Augmented views are reproducible: view `v` of image `i` is drawn with a seed derived from
-(seed, i, v), so the activation cache can store view `v` and an uncached run sees the same pixels.
+Augmented views are reproducible: view `v` of an image is drawn with a seed derived from
+(seed, the image's content hash, v), so the activation cache can store view `v` and an uncached run
+sees the same pixels.
 """
 
 from __future__ import annotations
@@ -162,9 +163,13 @@ def build_augmentation() -> A.Compose:
     )
 
 
-def view_seed(seed: int, index: int, view: int) -> int:
-    """The augmentation seed of view `view` of item `index`: independent of order and workers."""
-    return int(np.random.SeedSequence([seed, index, view]).generate_state(1)[0])
+def view_seed(seed: int, image_hash: str, view: int) -> int:
+    """The augmentation seed of view `view` of the image with content hash `image_hash`.
+
+    Derived from the image's bytes, not its position in the split, so a view stays the same view
+    (and a cached one stays valid) when other images enter or leave the manifest.
+    """
+    return int(np.random.SeedSequence([seed, int(image_hash[:16], 16), view]).generate_state(1)[0])
 
 
 def file_sha256(path: Path) -> str:
@@ -263,7 +268,7 @@ class SegmentationDataset(Dataset):
             prompts += negatives
             masks = np.concatenate([own_masks, np.zeros((len(negatives), *own_masks.shape[1:]), np.uint8)])
         if self.augmentation is not None:
-            self.augmentation.set_random_seed(view_seed(self.seed, index, view))
+            self.augmentation.set_random_seed(view_seed(self.seed, self.image_hash(index), view))
             out = self.augmentation(image=image, masks=list(masks))
             image, masks = out["image"], np.stack(out["masks"])
         pixels = (image.astype(np.float32) / 255.0 - self.mean) / self.std

@@ -71,7 +71,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "use_complex_transposed_convolution": True,
     },
     "base": {  # CLIPSegConfig's defaults are rd64's; rd64-refined adds ViT-B/16 and the complex upsampler
-        "vision": {"patch_size": 16},
+        # Its position table is for 224 px, interpolated for other sizes (rd64-refined runs at 352).
+        "vision": {"patch_size": 16, "image_size": 224},
         "text": {},
         "use_complex_transposed_convolution": True,
     },
@@ -175,7 +176,7 @@ def scratch_config(preset: str, image_size: int, tokenizer: CLIPTokenizer) -> CL
     patch = vision.get("patch_size", 32)
     if image_size % patch:
         raise ModelConfigError(f"image_size {image_size} is not a multiple of the patch size {patch}")
-    vision["image_size"] = image_size
+    vision.setdefault("image_size", image_size)  # the position table; other sizes are interpolated
     # `base` keeps CLIP's 49,408-token embedding table (its parameter count is the architecture's);
     # the small presets size it to the generated vocabulary.
     text.setdefault("vocab_size", 49408 if preset == "base" else len(tokenizer))

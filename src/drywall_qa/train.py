@@ -21,7 +21,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -380,7 +380,8 @@ def train(
     run = _Run(history=[])
     start_epoch = 1
     if resume_state is not None:
-        saved = torch.load(output_dir / "last" / OPTIMIZER_FILE, map_location=device_, weights_only=True)
+        # CPU: the RNG state must stay a CPU tensor; load_state_dict moves optimizer state to the params.
+        saved = torch.load(output_dir / "last" / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["torch_rng"])
@@ -388,26 +389,9 @@ def train(
         start_epoch = resume_state["epoch"] + 1
         log(f"train: resuming from last/ after epoch {resume_state['epoch']} (config fingerprint matches)")
 
-    frozen_text = not any(p.requires_grad for p in model.clip.text_model.parameters()) and not any(
-        p.requires_grad for p in model.clip.text_projection.parameters()
-    )
-    input_ids, attention_mask = tokenize_prompts(processor, train_set.prompt_list, device_)
-    fixed_conditional = None
-    if frozen_text:  # the prompt set is fixed: encode it once
-        with torch.no_grad(), autocast(device_):
-            fixed_conditional = encode_prompts(model, input_ids, attention_mask).float()
-
-    def conditionals() -> torch.Tensor:
-        return fixed_conditional if fixed_conditional is not None else encode_prompts(model, input_ids, attention_mask)
-
-    def activations_of(batch: dict[str, torch.Tensor], dataset: SegmentationDataset) -> list[torch.Tensor]:
-        if cache is not None:
-            return cache.activations_for(model, batch, dataset, device_)
-        return encode_images(model, batch["pixel_values"].to(device_, non_blocking=True))
-
+    forward = PairForward(model, processor, train_set.prompt_list, device_, cache)
     loader_options = _loader_options(device_)
     final_train_loss = run.history[-1]["train_loss"] if run.history else math.nan
-    epoch = start_epoch - 1
     for epoch in range(start_epoch, config.epochs + 1):
         epoch_started = time.perf_counter()
         train_set.set_epoch(epoch - 1)
@@ -415,30 +399,9 @@ def train(
             train_set, batch_size=config.batch_size, shuffle=True, collate_fn=collate_pairs,
             generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch), **loader_options,
         )
-        model.train()
-        loss_sum, pair_count = 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False)
-        for batch in bar:
-            masks = batch["masks"].to(device_, non_blocking=True)
-            with autocast(device_):
-                activations = activations_of(batch, train_set)
-                image_index = batch["image_index"].to(device_)
-                conditional = conditionals()[batch["prompt_index"].to(device_)]
-                logits = decode(model, pair_activations(activations, image_index), conditional)
-            logits = resize_logits(logits.float(), tuple(masks.shape[-2:]))
-            loss = segmentation_loss(logits, masks, config.bce_weight, config.dice_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.item() * len(masks)
-            pair_count += len(masks)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        final_train_loss = loss_sum / pair_count
-
-        val = _validate(model, val_set, config, device_, activations_of, conditionals, loader_options)
+        final_train_loss = _train_epoch(forward, bar, train_set, optimizer, scheduler, trainable, config)
+        val = _validate(forward, val_set, config, loader_options)
         run.seconds += time.perf_counter() - epoch_started
         row = {
             "epoch": epoch,
@@ -536,34 +499,87 @@ def _resumable(last: Path, fingerprint: str, log: Callable[[str], None]) -> dict
     return state
 
 
+class PairForward:
+    """Logits of a batch's (image, prompt) pairs: one vision pass (or cache read) per image, the
+    prompt set encoded once when the text encoder is frozen, else on every call."""
+
+    def __init__(
+        self,
+        model: CLIPSegForImageSegmentation,
+        processor: CLIPSegProcessor,
+        prompts: list[str],
+        device: torch.device,
+        cache: ActivationCache | None,
+    ):
+        self.model, self.device, self.cache = model, device, cache
+        self.input_ids, self.attention_mask = tokenize_prompts(processor, prompts, device)
+        text_trainable = any(p.requires_grad for p in model.clip.text_model.parameters()) or any(
+            p.requires_grad for p in model.clip.text_projection.parameters()
+        )
+        self.fixed_conditional = None
+        if not text_trainable:
+            with torch.no_grad(), autocast(device):
+                self.fixed_conditional = encode_prompts(model, self.input_ids, self.attention_mask).float()
+
+    def conditionals(self) -> torch.Tensor:
+        if self.fixed_conditional is not None:
+            return self.fixed_conditional
+        return encode_prompts(self.model, self.input_ids, self.attention_mask)
+
+    def __call__(self, batch: dict[str, torch.Tensor], dataset: SegmentationDataset) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(logits, masks)` of the batch's pairs, float32 on the device, logits at the masks' size."""
+        masks = batch["masks"].to(self.device, non_blocking=True)
+        with autocast(self.device):
+            if self.cache is not None:
+                activations = self.cache.activations_for(self.model, batch, dataset, self.device)
+            else:
+                activations = encode_images(self.model, batch["pixel_values"].to(self.device, non_blocking=True))
+            conditional = self.conditionals()[batch["prompt_index"].to(self.device)]
+            logits = decode(self.model, pair_activations(activations, batch["image_index"].to(self.device)), conditional)
+        return resize_logits(logits.float(), tuple(masks.shape[-2:])), masks
+
+
+def _train_epoch(
+    forward: PairForward,
+    batches: Iterable[dict[str, torch.Tensor]],
+    dataset: SegmentationDataset,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    trainable: list[torch.nn.Parameter],
+    config: TrainConfig,
+) -> float:
+    """One pass over the batches; returns the mean loss per pair."""
+    forward.model.train()
+    loss_sum, pairs = 0.0, 0
+    for batch in batches:
+        logits, masks = forward(batch, dataset)
+        loss = segmentation_loss(logits, masks, config.bce_weight, config.dice_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.item() * len(masks)
+        pairs += len(masks)
+        if isinstance(batches, tqdm):
+            batches.set_postfix(loss=f"{loss.item():.4f}")
+    return loss_sum / pairs
+
+
 @torch.no_grad()
 def _validate(
-    model: CLIPSegForImageSegmentation,
-    val_set: SegmentationDataset,
-    config: TrainConfig,
-    device: torch.device,
-    activations_of: Callable,
-    conditionals: Callable[[], torch.Tensor],
-    loader_options: dict[str, Any],
+    forward: PairForward, val_set: SegmentationDataset, config: TrainConfig, loader_options: dict[str, Any]
 ) -> dict[str, float]:
     """Val loss over all pairs; mIoU and Dice at 0.5 over the manifest's pairs (positives); with
     negative prompts also the mean IoU of negative pairs (1 = predicted empty, as it should)."""
-    model.eval()
+    forward.model.eval()
     loader = DataLoader(val_set, batch_size=config.batch_size, shuffle=False, collate_fn=collate_pairs,
                         **loader_options)
     loss_sum, pairs = 0.0, 0
     ious, dices, positive = [], [], []
-    conditional_all = conditionals()
     for batch in loader:
-        masks = batch["masks"].to(device)
-        with autocast(device):
-            activations = activations_of(batch, val_set)
-            logits = decode(
-                model,
-                pair_activations(activations, batch["image_index"].to(device)),
-                conditional_all[batch["prompt_index"].to(device)],
-            )
-        logits = resize_logits(logits.float(), tuple(masks.shape[-2:]))
+        logits, masks = forward(batch, val_set)
         loss_sum += segmentation_loss(logits, masks, config.bce_weight, config.dice_weight).item() * len(masks)
         pairs += len(masks)
         iou, dice = pair_scores(logits, masks)

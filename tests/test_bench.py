@@ -1,0 +1,85 @@
+"""The training/inference benchmark's quick mode runs end to end and reports every field with sane values.
+
+Benchmarks are not timed tests: this checks what the numbers mean (same learning, same
+probabilities, consistent counts), never how fast anything is.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    completed = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "bench" / "bench_train.py"), "--quick", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert "| trainer, activation cache |" in completed.stdout  # the table is printed
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+def test_quick_benchmark_reports_every_phase(quick_results):
+    results = quick_results
+    assert results["settings"]["mode"] == "quick"
+    assert set(results["phases"]) == {"naive", "trainer_uncached", "trainer_cached", "inference"}
+    data = results["data"]
+    assert data["train_images"] > 0 and data["val_images"] > 0
+    assert data["train_pairs_with_negatives"] == data["train_images"] * data["prompts"]
+    epochs = results["settings"]["epochs"]
+    for name in ("naive", "trainer_uncached", "trainer_cached", "inference"):
+        phase = results["phases"][name]
+        assert 100 < phase["peak_rss_mb"] < 64_000, name  # MiB of a real Python + torch process
+        assert phase["process_s"] > 0
+    for name in ("trainer_uncached", "trainer_cached"):
+        run = results["phases"][name]
+        assert run["epochs_run"] == len(run["history"]) == epochs
+        assert run["wall_s"] > 0 and 0 <= run["vision_s"] < run["wall_s"]
+        assert results["summary"][f"speedup_{name}_vs_naive"] > 0
+        for row in run["history"]:
+            assert 0 <= row["val_miou"] <= 1 and row["val_loss"] > 0
+    naive = results["phases"]["naive"]
+    assert naive["projected_s"] > naive["epoch_s"] > 0
+    assert naive["history"][0]["optimizer_steps"] == -(-data["train_images"] // results["config"]["batch_size"])
+    assert results["machine"]["gpu"]
+    assert "naive HF loop" in results["table"]
+
+
+def test_the_fast_paths_learn_what_the_naive_loop_learns(quick_results):
+    naive = quick_results["phases"]["naive"]["history"][0]
+    uncached = quick_results["phases"]["trainer_uncached"]["history"][0]
+    cached = quick_results["phases"]["trainer_cached"]["history"][0]
+    # Same weights, batches and steps: after epoch 1 the shared vision pass matches the per-pair loop
+    # up to float rounding, and the fp16 activation cache up to fp16 rounding.
+    assert uncached["train_loss"] == pytest.approx(naive["train_loss"], abs=1e-4)
+    assert uncached["val_loss"] == pytest.approx(naive["val_loss"], abs=1e-4)
+    assert cached["val_loss"] == pytest.approx(naive["val_loss"], abs=1e-2)
+
+
+def test_cache_counts_and_inference_agree_with_the_naive_forward(quick_results):
+    data, settings, config = quick_results["data"], quick_results["settings"], quick_results["config"]
+    cached = quick_results["phases"]["trainer_cached"]
+    views_used = min(config["cached_views"], settings["epochs"]) if config["augment"] else 1
+    assert cached["cache_misses"] == data["train_images"] * views_used + data["val_images"]
+    assert cached["cache_hits"] == settings["epochs"] * (data["train_images"] + data["val_images"]) - cached[
+        "cache_misses"]
+    assert cached["cache_files"] == cached["cache_misses"] and cached["cache_bytes"] > 0
+
+    inference = quick_results["phases"]["inference"]
+    assert inference["max_abs_probability_difference"] < 1e-4  # one vision pass per image changes nothing
+    for value in inference["ms_per_image"].values():
+        assert value > 0
+    assert inference["project_all_vs_1_prompt"] > 0
+    costs = inference["unit_costs"]
+    assert set(costs) == {"vision_per_image_ms", "decoder_step_per_pair_repeated_ms",
+                          "decoder_step_per_pair_shared_reduce_ms"}
+    assert all(value > 0 for value in costs.values())

@@ -1,0 +1,218 @@
+"""CLIPSeg building, offline tokenizer, freeze policy, shared vision pass and batched inference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor, CLIPTokenizer
+
+from drywall_qa.inference import pixel_values_for, predict_probs, select_device
+from drywall_qa.model import (
+    ModelConfigError,
+    build_image_processor,
+    build_model,
+    build_tokenizer,
+    count_parameters,
+    decode,
+    encode_images,
+    encode_prompts,
+    load_model,
+    pair_activations,
+    prompt_words,
+    resize_logits,
+    tokenize_prompts,
+)
+
+PROMPTS = ["segment crack", "segment wall crack", "segment taping area", "segment joint/tape", "segment drywall seam"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)
+
+
+def tiny(image_size: int = 64, freeze: bool = False, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model("tiny", None, image_size, freeze, prompts=PROMPTS)
+
+
+def save_foreign_checkpoint(folder) -> CLIPSegForImageSegmentation:
+    """A randomly initialised CLIPSeg built straight from transformers (a stand-in for a Hub
+    checkpoint): 3 vision layers of which only the first two are extracted."""
+    torch.manual_seed(1)
+    tokenizer = build_tokenizer(PROMPTS)
+    config = CLIPSegConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
+                     "num_hidden_layers": 1, "num_attention_heads": 2, "bos_token_id": tokenizer.bos_token_id,
+                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+                       "num_attention_heads": 2, "patch_size": 16, "image_size": 64},
+        projection_dim=16, extract_layers=[0, 1], reduce_dim=16, decoder_intermediate_size=32,
+    )
+    model = CLIPSegForImageSegmentation(config)
+    model.save_pretrained(folder)
+    CLIPSegProcessor(image_processor=build_image_processor(64), tokenizer=tokenizer).save_pretrained(folder)
+    return model
+
+
+def test_base_preset_has_the_rd64_refined_parameter_count():
+    model, processor = build_model("base", None, 352, freeze_backbone=True, prompts=PROMPTS)
+    assert count_parameters(model) == 150_747_746
+    assert count_parameters(model, trainable_only=True) == count_parameters(model.decoder)
+    assert model.config.vision_config.patch_size == 16
+    assert model.config.use_complex_transposed_convolution is True
+    assert list(model.config.extract_layers) == [3, 6, 9]
+    assert processor.image_processor.size == {"height": 352, "width": 352}
+
+
+@pytest.mark.slow
+def test_base_trains_one_step_saves_and_reloads(tmp_path):
+    torch.manual_seed(0)
+    model, processor = build_model("base", None, 224, freeze_backbone=False, prompts=PROMPTS)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    pixel_values = torch.randn(1, 3, 224, 224)
+    input_ids, attention_mask = tokenize_prompts(processor, PROMPTS[:1])
+    logits = decode(model, encode_images(model, pixel_values), encode_prompts(model, input_ids, attention_mask))
+    assert logits.shape == (1, 224, 224)
+    torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits)).backward()
+    assert model.clip.vision_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+    optimizer.step()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    reloaded, _ = load_model(tmp_path)
+    assert count_parameters(reloaded) == 150_747_746
+    for (name, saved), loaded in zip(model.state_dict().items(), reloaded.state_dict().values(), strict=True):
+        assert torch.equal(saved, loaded), name
+
+
+def test_tokenizer_makes_prompt_words_single_tokens_and_survives_a_round_trip(tmp_path):
+    model, processor = tiny()
+    tokenizer = processor.tokenizer
+    assert isinstance(tokenizer, CLIPTokenizer)
+    for word in prompt_words(PROMPTS):
+        assert len(tokenizer.tokenize(word)) == 1, word
+    encoded = tokenizer("segment joint/tape")["input_ids"]
+    assert encoded[0] == tokenizer.bos_token_id and encoded[-1] == tokenizer.eos_token_id
+    assert len(encoded) == 6  # bos segment joint / tape eos
+    # CLIP pools the text at the eos token: the model must use the tokenizer's ids.
+    text_config = model.config.text_config
+    assert (text_config.bos_token_id, text_config.eos_token_id) == (tokenizer.bos_token_id, tokenizer.eos_token_id)
+    assert text_config.vocab_size == len(tokenizer)
+
+    processor.save_pretrained(tmp_path)
+    restored = CLIPSegProcessor.from_pretrained(tmp_path)
+    texts = PROMPTS + ["Segment the HOLE, please!", "ünïcode wall"]  # unseen words fall back to byte pieces
+    before = processor.tokenizer(texts, padding=True)["input_ids"]
+    after = restored.tokenizer(texts, padding=True)["input_ids"]
+    assert before == after
+    assert restored.tokenizer.decode(after[3], skip_special_tokens=True) == "segment joint / tape"
+    assert restored.image_processor.size == {"height": 64, "width": 64}
+    assert list(restored.image_processor.image_mean) == list(processor.image_processor.image_mean)
+
+
+def test_frozen_backbone_gets_no_gradients_and_scratch_backbone_does():
+    for freeze in (True, False):
+        model, processor = tiny(freeze=freeze)
+        input_ids, attention_mask = tokenize_prompts(processor, PROMPTS[:2])
+        activations = encode_images(model, torch.randn(2, 3, 64, 64))
+        logits = decode(model, activations, encode_prompts(model, input_ids, attention_mask))
+        logits.mean().backward()
+        clip_grads = [p.grad for p in model.clip.parameters()]
+        decoder_grads = [p.grad for p in model.decoder.parameters()]
+        assert all(g is not None for g in decoder_grads)
+        if freeze:
+            assert all(not p.requires_grad for p in model.clip.parameters())
+            assert all(g is None for g in clip_grads)
+        else:
+            vision = model.clip.vision_model
+            assert vision.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+            assert vision.encoder.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+            assert model.clip.text_model.embeddings.token_embedding.weight.grad.abs().sum() > 0
+
+
+def test_scratch_decoder_starts_with_moderate_logits():
+    model, processor = tiny()
+    input_ids, attention_mask = tokenize_prompts(processor, PROMPTS[:1])
+    with torch.no_grad():
+        logits = decode(model, encode_images(model, torch.randn(1, 3, 64, 64)), encode_prompts(model, input_ids, attention_mask))
+    # HF's own init of the decoder (std 1.0) starts at |logits| ~ 1000; training could not recover quickly.
+    assert logits.abs().max() < 20
+
+
+def test_shared_vision_pass_equals_the_hf_forward_per_pair(tmp_path):
+    save_foreign_checkpoint(tmp_path)
+    model, processor = build_model("tiny", tmp_path, 64, freeze_backbone=True)
+    model.eval()
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8)) for i in range(2)]
+    prompts = PROMPTS[:3]
+    pixel_values = pixel_values_for(processor, images)
+    input_ids, attention_mask = tokenize_prompts(processor, prompts)
+    with torch.no_grad():
+        # HF: one vision pass per (image, prompt) pair
+        reference = model(
+            input_ids=input_ids.repeat(2, 1),
+            attention_mask=attention_mask.repeat(2, 1),
+            pixel_values=pixel_values.repeat_interleave(3, dim=0),
+        ).logits
+        # ours: one vision pass per image, activations indexed per pair
+        activations = encode_images(model, pixel_values)
+        assert len(activations) == 2  # extract_layers [0, 1]: the third layer is never run
+        conditional = encode_prompts(model, input_ids, attention_mask).repeat(2, 1)
+        ours = decode(model, pair_activations(activations, torch.arange(2).repeat_interleave(3)), conditional)
+    assert ours.shape == reference.shape == (6, 64, 64)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_build_model_from_a_local_checkpoint_keeps_its_weights_and_resizes_the_processor(tmp_path):
+    original = save_foreign_checkpoint(tmp_path)
+    model, processor = build_model("base", tmp_path, 96, freeze_backbone=False)  # the folder wins over the preset
+    assert count_parameters(model) == count_parameters(original)
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(tensor, model.state_dict()[name]), name
+    assert processor.image_processor.size == {"height": 96, "width": 96}
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ModelConfigError, match="multiple of the patch size"):
+        build_model("tiny", tmp_path, 100, freeze_backbone=False)
+
+
+def test_unknown_preset_and_bad_image_size_fail_clearly():
+    with pytest.raises(ModelConfigError, match="unknown model preset 'huge'"):
+        build_model("huge", None, 224, False)
+    with pytest.raises(ModelConfigError, match="multiple of the patch size"):
+        build_model("tiny", None, 200, False)
+
+
+def test_predict_probs_returns_probabilities_at_each_original_size():
+    model, processor = tiny()
+    rng = np.random.default_rng(0)
+    images = [
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)),  # greyscale
+        Image.fromarray(rng.integers(0, 255, (90, 30, 4), dtype=np.uint8), "RGBA"),
+    ]
+    probs = predict_probs(model, processor, images, PROMPTS[:2], device="cpu", batch_size=2)
+    assert [p.shape for p in probs] == [(2, 40, 50), (2, 64, 64), (2, 90, 30)]
+    assert all(p.dtype == np.float32 and p.min() >= 0 and p.max() <= 1 for p in probs)
+    assert model.training  # the caller's mode is restored
+
+    # Same numbers as decoding the image alone and resizing its logits; batching does not matter.
+    single = predict_probs(model, processor, images[:1], PROMPTS[:2], device="cpu", batch_size=1)[0]
+    np.testing.assert_allclose(single, probs[0], atol=1e-5)
+    with torch.no_grad():
+        model.eval()
+        input_ids, attention_mask = tokenize_prompts(processor, PROMPTS[:2])
+        activations = encode_images(model, pixel_values_for(processor, images[:1]))
+        logits = decode(model, pair_activations(activations, torch.zeros(2, dtype=torch.long)),
+                        encode_prompts(model, input_ids, attention_mask))
+        expected = torch.sigmoid(resize_logits(logits, (40, 50))).numpy()
+    np.testing.assert_allclose(probs[0], expected, atol=1e-5)
+
+
+def test_predict_probs_rejects_empty_prompts_and_select_device_honours_a_choice():
+    model, processor = tiny()
+    with pytest.raises(ValueError, match="at least one prompt"):
+        predict_probs(model, processor, [Image.new("RGB", (8, 8))], [], device="cpu")
+    assert select_device("cpu").type == "cpu"
+    assert select_device().type in {"cuda", "mps", "cpu"}

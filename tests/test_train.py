@@ -1,0 +1,343 @@
+"""Training: loss goes down, outputs and checkpoints are written, a killed run resumes exactly."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from drywall_qa.data import (
+    ManifestError,
+    SegmentationDataset,
+    channel_statistics,
+    collate_pairs,
+    image_records,
+    prompts_by_dataset,
+    read_manifest,
+)
+from drywall_qa.model import build_model, decode, encode_images, encode_prompts, pair_activations, tokenize_prompts
+from drywall_qa.train import (
+    HISTORY_COLUMNS,
+    TrainConfig,
+    TrainConfigError,
+    pair_scores,
+    read_state,
+    recover_checkpoints,
+    save_checkpoint,
+    segmentation_loss,
+    train,
+)
+
+PROMPTS = {"cracks": ["segment crack", "segment wall crack"], "taping": ["segment taping area"]}
+MANIFEST_COLUMNS = [
+    "dataset", "split", "image_id", "image_path", "mask_path", "prompt", "group", "width", "height", "source_split"
+]
+
+
+def make_manifest(root: Path, per_dataset: int = 8, size: int = 48, seed: int = 0) -> Path:
+    """A tiny manifest: textured grey images with a dark rectangle (cracks) or a bright band (taping);
+    the mask is that shape, one {0, 255} PNG per prompt. Splits: 5 train, 2 val, rest test."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for dataset, prompts in PROMPTS.items():
+        for index in range(per_dataset):
+            image_id = f"{dataset}{index:02d}"
+            pixels = rng.integers(110, 150, (size, size + 8, 3)).astype(np.uint8)
+            mask = np.zeros((size, size + 8), np.uint8)
+            top, left = rng.integers(2, size // 2, 2)
+            if dataset == "cracks":
+                mask[top : top + size // 3, left : left + 5] = 255
+                pixels[mask > 0] = 30
+            else:
+                mask[top : top + 10, :] = 255
+                pixels[mask > 0] = 230
+            image_path = root / "images" / f"{image_id}.png"
+            image_path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(image_path)
+            split = "train" if index < 5 else "val" if index < 7 else "test"
+            for prompt in prompts:
+                mask_path = root / "masks" / f"{image_id}__{prompt.replace(' ', '_')}.png"
+                mask_path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(mask, "L").save(mask_path)
+                rows.append({
+                    "dataset": dataset, "split": split, "image_id": image_id,
+                    "image_path": image_path.relative_to(root).as_posix(),
+                    "mask_path": mask_path.relative_to(root).as_posix(), "prompt": prompt, "group": image_id,
+                    "width": size + 8, "height": size, "source_split": "train",
+                })
+    manifest = root / "manifest.csv"
+    with open(manifest, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest
+
+
+def tiny_config(**changes) -> TrainConfig:
+    config = TrainConfig(
+        seed=3, lr=5e-4, preset="tiny", weights=None, image_size=32, freeze_backbone=False, epochs=3,
+        batch_size=4, weight_decay=1e-4, scheduler="cosine", warmup_epochs=1, early_stopping_patience=10,
+        grad_clip=1.0, bce_weight=1.0, dice_weight=1.0, negative_prompts=True, augment=True,
+        cache_activations=True, cached_views=2, num_threads=1,
+    )
+    return replace(config, **changes)
+
+
+def run_training(root: Path, config: TrainConfig, out: str = "out", **kwargs) -> dict:
+    return train(
+        config, root / "manifest.csv", root / out / "models", root / out / "train.json",
+        root / out / "history.csv", root=root, progress=False, log=kwargs.pop("log", lambda _: None), **kwargs,
+    )
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)
+
+
+def test_dataset_pairs_each_image_with_its_prompts_and_empty_negatives(tmp_path):
+    make_manifest(tmp_path)
+    rows = read_manifest(tmp_path / "manifest.csv")
+    prompts = prompts_by_dataset(rows)
+    records = image_records(rows, "train", tmp_path)
+    assert len(records) == 10 and records[0].prompts == ("segment crack", "segment wall crack")
+    dataset = SegmentationDataset(records, prompts, 32, [0.5] * 3, [0.2] * 3, augment=False,
+                                  negative_prompts=True, seed=0)
+    item = dataset[0]  # a cracks image
+    assert item["pixel_values"].shape == (3, 32, 32)
+    assert [dataset.prompt_list[i] for i in item["prompt_index"]] == [
+        "segment crack", "segment wall crack", "segment taping area"]
+    assert item["positive"].tolist() == [True, True, False]
+    assert item["masks"][0].sum() > 0 and item["masks"][2].sum() == 0
+    # the dark rectangle is where the mask is
+    darkness = item["pixel_values"].mean(0)
+    assert darkness[item["masks"][0] > 0].mean() < darkness[item["masks"][0] == 0].mean() - 1
+    batch = collate_pairs([dataset[0], dataset[9]])
+    assert batch["image_index"].tolist() == [0, 0, 0, 1, 1, 1]
+    assert batch["masks"].shape == (6, 32, 32)
+
+
+def test_augmented_views_are_reproducible_and_cycle(tmp_path):
+    make_manifest(tmp_path)
+    rows = read_manifest(tmp_path / "manifest.csv")
+    dataset = SegmentationDataset(image_records(rows, "train", tmp_path), prompts_by_dataset(rows), 32,
+                                  [0.5] * 3, [0.2] * 3, augment=True, negative_prompts=False, seed=0, views=2)
+    views = [dataset.load(1, view) for view in range(3)]
+    again = dataset.load(1, 1)
+    assert torch.equal(views[1]["pixel_values"], again["pixel_values"])
+    assert torch.equal(views[1]["masks"], again["masks"])
+    assert not torch.equal(views[0]["pixel_values"], views[1]["pixel_values"])
+    dataset.set_epoch(3)
+    assert dataset.current_view() == 1 and torch.equal(dataset[1]["pixel_values"], views[1]["pixel_values"])
+    # a view belongs to the image, not to its position in the split
+    records = image_records(rows, "train", tmp_path)
+    reordered = SegmentationDataset(records[::-1], prompts_by_dataset(rows), 32, [0.5] * 3, [0.2] * 3,
+                                    augment=True, negative_prompts=False, seed=0, views=2)
+    assert torch.equal(reordered.load(len(records) - 2, 1)["pixel_values"], views[1]["pixel_values"])
+
+
+def test_bad_masks_and_missing_images_fail_with_the_file_named(tmp_path):
+    make_manifest(tmp_path)
+    rows = read_manifest(tmp_path / "manifest.csv")
+    records = image_records(rows, "train", tmp_path)
+    Image.fromarray(np.full((48, 56), 7, np.uint8), "L").save(records[0].mask_paths[0])
+    dataset = SegmentationDataset(records, prompts_by_dataset(rows), 32, [0.5] * 3, [0.2] * 3,
+                                  augment=False, negative_prompts=False, seed=0)
+    with pytest.raises(ManifestError, match=r"cracks00__segment_crack\.png has values \[7\]"):
+        dataset[0]
+    records[1].image_path.unlink()
+    with pytest.raises(ManifestError, match=r"cannot read image .*cracks01\.png"):
+        dataset[1]
+    with pytest.raises(ManifestError, match="does not exist"):
+        read_manifest(tmp_path / "nope.csv")
+
+
+def test_channel_statistics_measure_the_training_images(tmp_path):
+    make_manifest(tmp_path)
+    rows = read_manifest(tmp_path / "manifest.csv")
+    mean, std = channel_statistics(image_records(rows, "train", tmp_path), 32)
+    assert all(0.4 < value < 0.7 for value in mean)
+    assert all(0.05 < value < 0.4 for value in std)
+
+
+def test_loss_and_scores():
+    masks = torch.zeros(2, 8, 8)
+    masks[0, :4] = 1
+    perfect = torch.where(masks > 0, 20.0, -20.0)
+    assert segmentation_loss(perfect, masks, 1, 1) < 1e-3
+    assert segmentation_loss(-perfect, masks, 1, 1) > 10
+    iou, dice = pair_scores(perfect, masks)
+    assert iou.tolist() == [1.0, 1.0] and dice.tolist() == [1.0, 1.0]  # empty vs empty counts as 1
+    half = torch.where(masks > 0, 20.0, -20.0)
+    half[0, :2] = -20.0
+    iou, dice = pair_scores(half, masks)
+    assert iou[0].item() == pytest.approx(0.5) and dice[0].item() == pytest.approx(2 / 3)
+    noisy = torch.full((1, 8, 8), 5.0)
+    assert pair_scores(noisy, torch.zeros(1, 8, 8))[0].item() == 0.0
+
+
+def test_a_few_steps_on_a_tiny_model_reduce_the_loss(tmp_path):
+    make_manifest(tmp_path)
+    rows = read_manifest(tmp_path / "manifest.csv")
+    records = image_records(rows, "train", tmp_path)
+    torch.manual_seed(0)
+    mean, std = channel_statistics(records, 32)
+    model, processor = build_model("tiny", None, 32, False, prompts=["segment crack", "segment taping area"],
+                                   image_mean=mean, image_std=std)
+    dataset = SegmentationDataset(records, prompts_by_dataset(rows), 32, mean, std, augment=False,
+                                  negative_prompts=True, seed=0)
+    batch = collate_pairs([dataset[i] for i in range(len(dataset))])
+    input_ids, attention_mask = tokenize_prompts(processor, dataset.prompt_list)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def loss() -> torch.Tensor:
+        conditional = encode_prompts(model, input_ids, attention_mask)[batch["prompt_index"]]
+        activations = pair_activations(encode_images(model, batch["pixel_values"]), batch["image_index"])
+        return segmentation_loss(decode(model, activations, conditional), batch["masks"], 1.0, 1.0)
+
+    first = loss().item()
+    for _ in range(25):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    assert loss().item() < 0.8 * first
+
+
+def test_train_writes_metrics_history_and_checkpoints(tmp_path):
+    make_manifest(tmp_path)
+    messages: list[str] = []
+    rows_seen: list[dict] = []
+    summary = run_training(tmp_path, tiny_config(), on_epoch=rows_seen.append, log=messages.append)
+    out = tmp_path / "out"
+    assert summary["epochs_run"] == 3 and summary["weights_init"] == "scratch:tiny"
+    assert summary["device"] == "cpu" and summary["train_images"] == 10 and summary["val_images"] == 4
+    assert json.loads((out / "train.json").read_text()) == summary
+    with open(out / "history.csv", encoding="utf-8") as handle:
+        history = list(csv.DictReader(handle))
+    assert list(history[0]) == HISTORY_COLUMNS and [row["epoch"] for row in history] == ["1", "2", "3"]
+    best_row = max(history, key=lambda row: float(row["val_miou"]))
+    assert summary["best_val_miou"] == pytest.approx(float(best_row["val_miou"]), rel=1e-5)
+    assert [row["epoch"] for row in rows_seen] == [1, 2, 3] and "val_negative_iou" in rows_seen[0]
+    assert any("normalising with the train images' mean" in message for message in messages)
+    for name in ("best", "last"):
+        folder = out / "models" / name
+        assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+        assert read_state(folder)["fingerprint"] == read_state(out / "models" / "last")["fingerprint"]
+    assert (out / "models" / "last" / "optimizer_state.pt").is_file()
+    assert not (out / "models" / "best" / "optimizer_state.pt").exists()
+    assert read_state(out / "models" / "best")["epoch"] == summary["best_epoch"]
+    assert read_state(out / "models" / "last")["complete"] is True
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["best", "last"]  # no temp folders left
+
+
+class Killed(Exception):
+    """Stands in for SIGKILL: raised by the epoch callback after the checkpoint of epoch 2."""
+
+
+def test_a_killed_run_resumes_from_last_and_ends_like_an_uninterrupted_one(tmp_path):
+    make_manifest(tmp_path)
+    config = tiny_config(epochs=3)
+    uninterrupted = run_training(tmp_path, config, out="a")
+
+    def kill_after_epoch_2(row: dict) -> None:
+        if row["epoch"] == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_training(tmp_path, config, out="b", on_epoch=kill_after_epoch_2)
+    last = tmp_path / "b" / "models" / "last"
+    assert read_state(last)["epoch"] == 2 and read_state(last)["complete"] is False
+
+    messages: list[str] = []
+    resumed = run_training(tmp_path, config, out="b", log=messages.append)
+    assert any("resuming from last/ after epoch 2" in message for message in messages)
+    assert resumed["resumed_from_epoch"] == 2 and resumed["epochs_run"] == 3
+    for key in ("best_epoch", "best_val_miou", "best_val_dice", "final_train_loss"):
+        assert resumed[key] == pytest.approx(uninterrupted[key], rel=1e-5, abs=1e-6), key
+    history_a = (tmp_path / "a" / "history.csv").read_text().splitlines()
+    history_b = (tmp_path / "b" / "history.csv").read_text().splitlines()
+    strip_seconds = lambda lines: [line.rsplit(",", 1)[0] for line in lines]  # noqa: E731
+    assert strip_seconds(history_a) == strip_seconds(history_b)
+
+
+def test_changed_params_start_fresh_instead_of_resuming(tmp_path):
+    make_manifest(tmp_path)
+    with pytest.raises(Killed):
+        run_training(tmp_path, tiny_config(), on_epoch=lambda row: (_ for _ in ()).throw(Killed()))
+    messages: list[str] = []
+    summary = run_training(tmp_path, tiny_config(lr=1e-3, epochs=1), log=messages.append)
+    assert any("other params or another manifest; starting fresh" in message for message in messages)
+    assert summary["resumed_from_epoch"] == 0 and summary["epochs_run"] == 1
+
+
+def test_checkpoint_swap_is_atomic_and_an_interrupted_swap_is_recovered(tmp_path):
+    model, processor = build_model("tiny", None, 32, False, prompts=["segment crack"])
+    models = tmp_path / "models"
+    save_checkpoint(models, "last", model, processor, {"epoch": 1})
+    save_checkpoint(models, "last", model, processor, {"epoch": 2})
+    assert read_state(models / "last")["epoch"] == 2
+    assert sorted(p.name for p in models.iterdir()) == ["last"]
+    # A kill between "rename old away" and "rename new in": only .last.old and a temp folder exist.
+    (models / "last").rename(models / ".last.old")
+    (models / ".last.tmp-abc").mkdir()
+    (models / ".last.tmp-abc" / "config.json").write_text("{")
+    recover_checkpoints(models, log=lambda _: None)
+    assert sorted(p.name for p in models.iterdir()) == ["last"]
+    assert read_state(models / "last")["epoch"] == 2
+
+
+def test_config_from_params_coerces_and_validates():
+    params = {
+        "seed": 1, "lr": "5e-05", "model": {"weights": None, "preset": "tiny", "freeze_backbone": False,
+                                            "image_size": 224},
+        "train": {"epochs": 2, "batch_size": 4, "weight_decay": 0.0, "scheduler": "cosine", "warmup_epochs": 1,
+                  "early_stopping_patience": 3, "grad_clip": 1.0, "bce_weight": 1.0, "dice_weight": 1.0,
+                  "negative_prompts": True, "augment": True, "cache_activations": True, "cached_views": 4,
+                  "num_threads": 2},
+    }
+    config = TrainConfig.from_params(params)
+    assert config.lr == 5e-5 and config.weights_init == "scratch:tiny" and not config.uses_cache
+    with pytest.raises(TrainConfigError, match="scheduler"):
+        TrainConfig.from_params({**params, "train": {**params["train"], "scheduler": "step"}})
+    with pytest.raises(TrainConfigError, match="lacks"):
+        TrainConfig.from_params({**params, "train": {"epochs": 1}})
+
+
+def test_pyfunc_model_predicts_binary_masks_from_paths_and_base64(tmp_path, monkeypatch):
+    from drywall_qa.mlflow_model import ImageInputError, log_pyfunc_model
+
+    make_manifest(tmp_path)
+    run_training(tmp_path, tiny_config(epochs=1))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = mlflow.create_experiment("t", artifact_location=(tmp_path / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment):
+        info = log_pyfunc_model(tmp_path / "out" / "models" / "best", registered_model_name="drywall-test")
+    loaded = mlflow.pyfunc.load_model(info.model_uri)
+    image_path = tmp_path / "images" / "cracks00.png"
+    import base64
+
+    encoded = base64.b64encode(image_path.read_bytes()).decode()
+    frame = pd.DataFrame({
+        "image": [str(image_path), str(image_path), encoded],
+        "prompt": ["segment crack", "segment taping area", "segment crack"],
+    })
+    masks = loaded.predict(frame)
+    assert len(masks) == 3
+    for mask in masks:
+        assert mask.shape == (48, 56) and mask.dtype == np.uint8
+        assert set(np.unique(mask).tolist()) <= {0, 255}
+    np.testing.assert_array_equal(masks[0], masks[2])  # path and base64 of the same file
+    everything = loaded.predict(frame.iloc[:1], params={"threshold": 0.0})[0]
+    assert (everything == 255).all()
+    assert mlflow.MlflowClient().get_registered_model("drywall-test").name == "drywall-test"
+    with pytest.raises(ImageInputError, match="neither an existing file nor base64"):
+        loaded.predict(pd.DataFrame({"image": ["/no/such/file.png"], "prompt": ["segment crack"]}))
