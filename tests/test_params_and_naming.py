@@ -24,7 +24,9 @@ def test_project_params_have_the_brief_prompts_and_split():
         "taping": ["segment taping area", "segment joint/tape", "segment drywall seam"],
     }
     assert isinstance(params["lr"], float)
-    assert abs(sum(params["split"].values()) - 1.0) < 1e-9
+    fractions = [params["split"][name] for name in ("train", "val", "test")]
+    assert fractions == [0.70, 0.15, 0.15]
+    assert isinstance(params["seed"], int)
 
 
 def test_flatten_uses_dotted_keys():
