@@ -41,6 +41,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from drywall_qa.atomic import write_json_atomic
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("naive", "trainer_uncached", "trainer_cached", "inference")
 SPLIT_FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
@@ -82,18 +84,6 @@ def peak_rss_mb() -> float:
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,12 +181,11 @@ def _hf_pair_logits(model, batch, input_ids, attention_mask, device):
 def phase_naive(workdir: Path) -> dict[str, Any]:
     import torch
     from torch.utils.data import DataLoader
-    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     from drywall_qa.data import SegmentationDataset, collate_pairs
     from drywall_qa.inference import autocast
     from drywall_qa.model import tokenize_prompts
-    from drywall_qa.train import pair_scores, segmentation_loss
+    from drywall_qa.train import make_optimizer, pair_scores, segmentation_loss
 
     settings, config = _load_phase_inputs(workdir)
     device = torch.device(settings.device)
@@ -209,13 +198,8 @@ def phase_naive(workdir: Path) -> dict[str, Any]:
     val_set = SegmentationDataset(val_records, prompts, config.image_size, mean, std, augment=False,
                                   negative_prompts=config.negative_prompts, seed=config.seed)
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    warmup = round(config.warmup_epochs * steps_per_epoch)
-    if config.scheduler == "cosine":
-        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, config.epochs * steps_per_epoch)
-    else:
-        scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
+    optimizer, scheduler = make_optimizer(model, config, steps_per_epoch)
+    trainable = optimizer.param_groups[0]["params"]  # what gradient clipping covers
     input_ids, attention_mask = tokenize_prompts(processor, train_set.prompt_list)
     setup_s = time.perf_counter() - started
 

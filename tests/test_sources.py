@@ -346,7 +346,7 @@ def zip_folder(folder: Path, zip_path: Path, prefix: str = "") -> Path:
 
 def test_local_coco_folder_and_zip_are_imported_unchanged(tmp_path, synthetic_exports):
     source = synthetic_exports / "cracks"
-    wrapped_zip = zip_folder(source, tmp_path / "cracks.zip", prefix="cracks-3ii36/")  # zipped with its folder
+    zip_folder(source, tmp_path / "cracks.zip", prefix="cracks-3ii36/")  # zipped with its folder
     shutil.copytree(source, tmp_path / "exports" / "cracks")
     raw_dir = tmp_path / "data" / "raw"
     # relative paths in params are relative to the repo root

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from drywall_qa.convert import IMAGES_CSV_COLUMNS, convert_all, write_csv_atomic
+from drywall_qa.atomic import write_csv_atomic
+from drywall_qa.convert import IMAGES_CSV_COLUMNS, convert_all
 from drywall_qa.naming import mask_file_name, source_group
 from drywall_qa.split import MANIFEST_COLUMNS, SplitError, build_manifest, write_split
 

@@ -25,14 +25,12 @@ two labelings would silently overwrite the other.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
 import os
 import shutil
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from filecmp import cmp as same_file_bytes
 from pathlib import Path
@@ -44,6 +42,7 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
+from drywall_qa.atomic import replace_dir, write_csv_atomic, write_json_atomic
 from drywall_qa.naming import image_id_of, mask_file_name, source_group
 
 COCO_ANNOTATIONS = "_annotations.coco.json"
@@ -651,7 +650,7 @@ def convert_all(
             rows, report = convert_dataset(dataset, raw_dir / dataset, prompts[dataset], staging, repo_root)
             per_dataset[dataset] = report
             all_rows += rows
-        _replace_dir(staging, masks_dir)
+        replace_dir(staging, masks_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     all_rows.sort(key=lambda row: (row["dataset"], row["image_id"]))
@@ -672,30 +671,3 @@ def _totals(per_dataset: dict[str, dict]) -> dict:
     return totals
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    """Swap a finished folder into place: two renames, the old copy removed last."""
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def write_csv_atomic(path: str | Path, columns: list[str], rows: Iterable[dict]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from drywall_qa.convert import write_csv_atomic, write_json_atomic
+from drywall_qa.atomic import replace_dir, write_csv_atomic, write_json_atomic
 from drywall_qa.metrics import Counts, binarize, confusion_counts, dice, iou, precision, recall, summarize, threshold_counts
 from drywall_qa.naming import mask_file_name, prompt_slug
 from drywall_qa.split import MANIFEST_COLUMNS
@@ -479,16 +479,6 @@ def write_outputs(result: EvaluationResult, metrics_path: str | Path, plots_dir:
     )
     for name, columns, rows in tables:
         write_csv_atomic(plots_dir / name, columns, ({k: _rounded(row[k]) for k in columns} for row in rows))
-
-
-def replace_dir(staging: Path, target: Path) -> None:
-    """Swap a finished folder into place; the old copy is removed last."""
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def run_evaluation(

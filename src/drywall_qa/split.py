@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from drywall_qa.convert import IMAGES_CSV_COLUMNS, write_csv_atomic, write_json_atomic
+from drywall_qa.atomic import write_csv_atomic, write_json_atomic
+from drywall_qa.convert import IMAGES_CSV_COLUMNS
 from drywall_qa.naming import mask_file_name
 
 SPLITS = ("train", "val", "test")

@@ -38,6 +38,7 @@ from transformers import (
 )
 
 from drywall_qa.activation_cache import ActivationCache
+from drywall_qa.atomic import write_text_atomic
 from drywall_qa.data import (
     SegmentationDataset,
     channel_statistics,
@@ -255,23 +256,25 @@ def read_state(checkpoint: Path) -> dict[str, Any] | None:
         return None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as out:
-            out.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+def make_optimizer(
+    model: torch.nn.Module, config: TrainConfig, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW over the trainable parameters and the per-step LR schedule (linear warm-up first)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    if config.scheduler == "cosine":
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, config.epochs * steps_per_epoch)
+    else:
+        scheduler = get_constant_schedule_with_warmup(optimizer, warmup_steps)
+    return optimizer, scheduler
 
 
 def write_history(path: Path, history: list[dict[str, Any]]) -> None:
     lines = [",".join(HISTORY_COLUMNS)]
     for row in history:
         lines.append(",".join(_csv_value(row[column]) for column in HISTORY_COLUMNS))
-    _write_atomic(path, "\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def _csv_value(value: Any) -> str:
@@ -279,7 +282,7 @@ def _csv_value(value: Any) -> str:
 
 
 def write_json(path: Path, value: dict[str, Any]) -> None:
-    _write_atomic(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
 def read_history(path: Path) -> list[dict[str, float]]:
@@ -369,13 +372,8 @@ def train(
     cache = ActivationCache(model, cache_dir) if use_cache else None
 
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
-    if config.scheduler == "cosine":
-        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, config.epochs * steps_per_epoch)
-    else:
-        scheduler = get_constant_schedule_with_warmup(optimizer, warmup_steps)
+    optimizer, scheduler = make_optimizer(model, config, steps_per_epoch)
+    trainable = optimizer.param_groups[0]["params"]  # what gradient clipping covers
 
     run = _Run(history=[])
     start_epoch = 1
