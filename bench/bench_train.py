@@ -44,7 +44,8 @@ from typing import Any
 from drywall_qa.atomic import write_json_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PHASES = ("naive", "trainer_uncached", "trainer_cached", "inference")
+# Shortest first, so a run cut short still leaves the finished phases in `--out` (see main).
+PHASES = ("inference", "naive", "trainer_cached", "trainer_uncached")
 SPLIT_FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
 
 
@@ -517,7 +518,9 @@ def summarise(phases: dict[str, dict[str, Any]], epochs: int) -> dict[str, Any]:
     summary["val_miou_final_cached_minus_uncached"] = round(
         phases["trainer_cached"]["history"][-1]["val_miou"] - phases["trainer_uncached"]["history"][-1]["val_miou"], 6
     )
-    summary["peak_rss_mb_max_training"] = max(phases[name]["peak_rss_mb"] for name in PHASES[:3])
+    summary["peak_rss_mb_max_training"] = max(
+        phases[name]["peak_rss_mb"] for name in ("naive", "trainer_uncached", "trainer_cached")
+    )
     summary["inference_all_vs_1_prompt"] = phases["inference"]["project_all_vs_1_prompt"]
     summary["epochs"] = epochs
     return summary
@@ -614,13 +617,18 @@ def main(argv: list[str] | None = None) -> int:
         data = prepare_data(workdir, settings, params["prompts"], int(params["seed"]))
         config = train_config(settings, params)
         write_json_atomic(workdir / "bench_inputs.json", {"settings": asdict(settings), "config": config})
-        phases = {name: run_phase_in_child(name, workdir) for name in PHASES}
+        phases = {}
+        for name in PHASES:
+            phases[name] = run_phase_in_child(name, workdir)
+            write_json_atomic(out, {"complete": False, "settings": asdict(settings), "config": config,
+                                    "data": data, "phases": phases})
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     import torch
 
     results = {
+        "complete": True,
         "settings": asdict(settings),
         "config": config,
         "data": data,
