@@ -52,6 +52,7 @@ def test_quick_benchmark_reports_every_phase(quick_results):
     assert naive["history"][0]["optimizer_steps"] == -(-data["train_images"] // results["config"]["batch_size"])
     assert results["machine"]["gpu"]
     assert "naive HF loop" in results["table"]
+    assert results["complete"] is True
 
 
 def test_the_fast_paths_learn_what_the_naive_loop_learns(quick_results):
@@ -80,5 +81,21 @@ def test_cache_counts_and_inference_agree_with_the_naive_forward(quick_results):
         assert value > 0
     assert inference["project_all_vs_1_prompt"] > 0
     costs = inference["unit_costs"]
-    assert set(costs) == {"vision_per_image_ms", "decoder_step_per_pair_repeated_ms"}
+    assert set(costs) == {"vision_per_image_ms", "decoder_step_per_pair_ms", "decoder_step_per_pair_one_call_ms"}
     assert all(value > 0 for value in costs.values())
+
+
+def test_a_subset_of_phases_runs_alone_and_says_it_is_incomplete(tmp_path):
+    out = tmp_path / "results.json"
+    command = [sys.executable, str(REPO_ROOT / "bench" / "bench_train.py"), "--quick", "--out", str(out)]
+    completed = subprocess.run([*command, "--phases", "inference"], capture_output=True, text=True, timeout=600,
+                               check=False)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    results = json.loads(out.read_text(encoding="utf-8"))
+    assert set(results["phases"]) == {"inference"} and results["complete"] is False
+    assert "all 5 prompts" in completed.stdout and "naive HF loop" not in completed.stdout
+    assert set(results["summary"]) == {"epochs", "inference_all_vs_1_prompt"}
+
+    rejected = subprocess.run([*command, "--phases", "inference,warp"], capture_output=True, text=True,
+                              timeout=120, check=False)
+    assert rejected.returncode == 2 and "unknown ['warp']" in rejected.stderr

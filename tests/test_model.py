@@ -16,6 +16,7 @@ from drywall_qa.model import (
     build_tokenizer,
     count_parameters,
     decode,
+    decoder_chunk_pairs,
     encode_images,
     encode_prompts,
     load_model,
@@ -163,6 +164,31 @@ def test_shared_vision_pass_equals_the_hf_forward_per_pair(tmp_path):
         ours = decode(model, pair_activations(activations, torch.arange(2).repeat_interleave(3)), conditional)
     assert ours.shape == reference.shape == (6, 64, 64)
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_decoding_gives_the_logits_of_one_decoder_call():
+    model, processor = build_model("tiny", None, 64, freeze_backbone=True, prompts=PROMPTS)
+    model.eval()
+    input_ids, attention_mask = tokenize_prompts(processor, PROMPTS)
+    with torch.no_grad():
+        activations = encode_images(model, torch.randn(3, 3, 64, 64))
+        image_index = torch.arange(3).repeat_interleave(len(PROMPTS))
+        pairs = pair_activations(activations, image_index)
+        conditional = encode_prompts(model, input_ids, attention_mask).repeat(3, 1)
+        whole = decode(model, pairs, conditional, chunk_pairs=None)
+        for chunk_pairs in (1, 4, 7, 100):
+            torch.testing.assert_close(decode(model, pairs, conditional, chunk_pairs=chunk_pairs), whole,
+                                       atol=1e-5, rtol=1e-5)
+    assert whole.shape == (3 * len(PROMPTS), 64, 64)
+
+
+def test_decoder_chunks_are_cache_sized_on_cpu_and_whole_elsewhere():
+    model = CLIPSegForImageSegmentation.__new__(CLIPSegForImageSegmentation)  # only its config is read
+    model.config = CLIPSegConfig()  # rd64's decoder: intermediate size 2048
+    tokens = (352 // 16) ** 2 + 1
+    chunk = decoder_chunk_pairs(model, tokens, torch.device("cpu"))
+    assert chunk == 4  # 485 tokens x 2048 intermediate floats per pair: 4 pairs stay under 4M floats
+    assert decoder_chunk_pairs(model, tokens, torch.device("cuda")) is None
 
 
 def test_build_model_from_a_local_checkpoint_keeps_its_weights_and_resizes_the_processor(tmp_path):
