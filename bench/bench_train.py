@@ -167,16 +167,25 @@ def _scratch_model(config, workdir: Path):
     return model, processor, prompts, train_records, val_records, (mean, std), rows
 
 
-def _hf_pair_logits(model, batch, input_ids, attention_mask, device):
-    """The usual HF forward: every (image, prompt) pair is one row of `pixel_values` and `input_ids`."""
-    image_index = batch["image_index"]
-    prompt_index = batch["prompt_index"]
-    logits = model(
-        input_ids=input_ids[prompt_index].to(device),
-        attention_mask=attention_mask[prompt_index].to(device),
-        pixel_values=batch["pixel_values"].index_select(0, image_index).to(device),
-    ).logits
-    return logits.unsqueeze(0) if logits.dim() == 2 else logits  # HF squeezes a batch of one pair
+class NaivePairForward:
+    """The usual HF forward as a `train.validate` forward: every (image, prompt) pair is one row of
+    `pixel_values` and `input_ids`, so every pair runs the whole model."""
+
+    def __init__(self, model, input_ids, attention_mask, device):
+        self.model, self.input_ids, self.attention_mask, self.device = model, input_ids, attention_mask, device
+
+    def __call__(self, batch, dataset=None):
+        from drywall_qa.inference import autocast
+
+        image_index, prompt_index = batch["image_index"], batch["prompt_index"]
+        with autocast(self.device):
+            logits = self.model(
+                input_ids=self.input_ids[prompt_index].to(self.device),
+                attention_mask=self.attention_mask[prompt_index].to(self.device),
+                pixel_values=batch["pixel_values"].index_select(0, image_index).to(self.device),
+            ).logits
+        logits = logits.unsqueeze(0) if logits.dim() == 2 else logits  # HF squeezes a batch of one pair
+        return logits.float(), batch["masks"].to(self.device)
 
 
 def phase_naive(workdir: Path) -> dict[str, Any]:
@@ -184,9 +193,8 @@ def phase_naive(workdir: Path) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
     from drywall_qa.data import SegmentationDataset, collate_pairs
-    from drywall_qa.inference import autocast
     from drywall_qa.model import tokenize_prompts
-    from drywall_qa.train import make_optimizer, pair_scores, segmentation_loss
+    from drywall_qa.train import make_optimizer, segmentation_loss, validate
 
     settings, config = _load_phase_inputs(workdir)
     device = torch.device(settings.device)
@@ -201,7 +209,7 @@ def phase_naive(workdir: Path) -> dict[str, Any]:
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     optimizer, scheduler = make_optimizer(model, config, steps_per_epoch)
     trainable = optimizer.param_groups[0]["params"]  # what gradient clipping covers
-    input_ids, attention_mask = tokenize_prompts(processor, train_set.prompt_list)
+    forward = NaivePairForward(model, *tokenize_prompts(processor, train_set.prompt_list), device)
     setup_s = time.perf_counter() - started
 
     epochs = []
@@ -215,10 +223,8 @@ def phase_naive(workdir: Path) -> dict[str, Any]:
         loss_sum, pairs, steps = 0.0, 0, 0
         for batch in loader:
             step_started = time.perf_counter()
-            masks = batch["masks"].to(device)
-            with autocast(device):
-                logits = _hf_pair_logits(model, batch, input_ids, attention_mask, device)
-            loss = segmentation_loss(logits.float(), masks, config.bce_weight, config.dice_weight)
+            logits, masks = forward(batch)
+            loss = segmentation_loss(logits, masks, config.bce_weight, config.dice_weight)
             forward_done = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -235,8 +241,7 @@ def phase_naive(workdir: Path) -> dict[str, Any]:
                 log(f"naive: epoch {epoch} step {steps}/{steps_per_epoch}, {time.perf_counter() - epoch_started:.0f}s")
         train_s = time.perf_counter() - epoch_started
         val_started = time.perf_counter()
-        val = _naive_validate(model, val_set, config, input_ids, attention_mask, device, pair_scores,
-                              segmentation_loss, autocast)
+        val = validate(forward, val_set, config, loader_options={})
         val_s = time.perf_counter() - val_started
         epochs.append({"epoch": epoch, "train_loss": loss_sum / pairs, "train_s": round(train_s, 3),
                        "forward_s": round(forward_s, 3), "backward_step_s": round(backward_s, 3),
@@ -252,33 +257,6 @@ def phase_naive(workdir: Path) -> dict[str, Any]:
         "history": epochs,
         "vision_passes_per_epoch": epochs[0]["pairs"] + len(val_set) * len(val_set.prompt_list),
     }
-
-
-def _naive_validate(model, val_set, config, input_ids, attention_mask, device, pair_scores, segmentation_loss,
-                    autocast) -> dict[str, float]:
-    """The trainer's validation (loss over all pairs, mIoU/Dice over the manifest's pairs) with HF forwards."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    from drywall_qa.data import collate_pairs
-
-    model.eval()
-    loss_sum, pairs = 0.0, 0
-    ious, dices, positive = [], [], []
-    with torch.no_grad():
-        for batch in DataLoader(val_set, batch_size=config.batch_size, shuffle=False, collate_fn=collate_pairs):
-            masks = batch["masks"].to(device)
-            with autocast(device):
-                logits = _hf_pair_logits(model, batch, input_ids, attention_mask, device).float()
-            loss_sum += segmentation_loss(logits, masks, config.bce_weight, config.dice_weight).item() * len(masks)
-            pairs += len(masks)
-            iou, dice = pair_scores(logits, masks)
-            ious.append(iou.cpu())
-            dices.append(dice.cpu())
-            positive.append(batch["positive"])
-    iou, dice, positive_ = torch.cat(ious), torch.cat(dices), torch.cat(positive)
-    return {"val_loss": loss_sum / pairs, "val_miou": iou[positive_].mean().item(),
-            "val_dice": dice[positive_].mean().item()}
 
 
 @contextlib.contextmanager

@@ -399,7 +399,7 @@ def train(
         )
         bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False)
         final_train_loss = _train_epoch(forward, bar, train_set, optimizer, scheduler, trainable, config)
-        val = _validate(forward, val_set, config, loader_options)
+        val = validate(forward, val_set, config, loader_options)
         run.seconds += time.perf_counter() - epoch_started
         row = {
             "epoch": epoch,
@@ -566,7 +566,7 @@ def _train_epoch(
 
 
 @torch.no_grad()
-def _validate(
+def validate(
     forward: PairForward, val_set: SegmentationDataset, config: TrainConfig, loader_options: dict[str, Any]
 ) -> dict[str, float]:
     """Val loss over all pairs; mIoU and Dice at 0.5 over the manifest's pairs (positives); with
