@@ -97,6 +97,7 @@ def prepare_data(workdir: Path, settings: BenchSettings, prompts: dict[str, list
     from drywall_qa.split import write_split
     from drywall_qa.synthetic import DATASET_SPECS, generate_export
 
+    shutil.rmtree(workdir / "data", ignore_errors=True)  # seeded: a resumed run regenerates the same files
     for dataset, count in settings.source_images.items():
         generate_export(
             DATASET_SPECS[dataset], workdir / "data" / "raw" / dataset, seed=seed, source_images=count,
@@ -286,6 +287,7 @@ def phase_trainer(workdir: Path, cached: bool) -> dict[str, Any]:
     settings, config = _load_phase_inputs(workdir)
     config = replace(config, cache_activations=cached)
     out = workdir / ("trainer_cached" if cached else "trainer_uncached")
+    shutil.rmtree(out, ignore_errors=True)  # a cold cache, and no `last` checkpoint to resume from
     cache_dir = out / "cache"
     totals: dict[str, float] = defaultdict(float)
     started = time.perf_counter()
@@ -464,6 +466,7 @@ def run_phase_in_child(name: str, workdir: Path) -> dict[str, Any]:
         raise RuntimeError(f"phase {name} failed with exit code {completed.returncode}")
     result = json.loads((workdir / f"phase_{name}.json").read_text(encoding="utf-8"))
     result["process_s"] = round(time.perf_counter() - started, 3)
+    write_json_atomic(workdir / f"phase_{name}.json", result)
     return result
 
 
@@ -528,6 +531,10 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _reused(phase: dict[str, Any]) -> str:
+    return " (earlier run, `--resume`)" if phase.get("reused_from_earlier_run") else ""
+
+
 def _training_table(results: dict[str, Any]) -> list[str]:
     phases, settings, data = results["phases"], results["settings"], results["data"]
     epochs = settings["epochs"]
@@ -542,7 +549,8 @@ def _training_table(results: dict[str, Any]) -> list[str]:
         "| run | wall s | × vs naive | vision s | checkpoints s | decoder + rest s | val loss / mIoU after epoch 1 "
         f"| val mIoU after epoch {epochs} | peak RSS MB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| naive HF loop (1 forward per pair), {naive['epochs_run']} epoch measured, projected to {epochs} "
+        f"| naive HF loop (1 forward per pair), {naive['epochs_run']} epoch measured, projected to {epochs}"
+        f"{_reused(naive)} "
         f"| {_n(naive['projected_s'])} | 1.0 | – | – | – | {naive1['val_loss']:.4f} / {naive1['val_miou']:.4f} "
         f"| – | {_n(naive['peak_rss_mb'])} |",
     ]
@@ -552,7 +560,7 @@ def _training_table(results: dict[str, Any]) -> list[str]:
         run = phases[name]
         first, last = run["history"][0], run["history"][-1]
         lines.append(
-            f"| {label} | {_n(run['wall_s'])} | {naive['projected_s'] / run['wall_s']:.1f} | {_n(run['vision_s'])} "
+            f"| {label}{_reused(run)} | {_n(run['wall_s'])} | {naive['projected_s'] / run['wall_s']:.1f} | {_n(run['vision_s'])} "
             f"| {_n(run['checkpoint_s'])} | {_n(run['decoder_and_rest_s'])} "
             f"| {first['val_loss']:.4f} / {first['val_miou']:.4f} | {last['val_miou']:.4f} | {_n(run['peak_rss_mb'])} |"
         )
@@ -576,7 +584,7 @@ def _inference_table(results: dict[str, Any]) -> list[str]:
         "",
         f"| | 1 prompt | all {inference['prompts']} prompts | all / 1 |",
         "|---|---:|---:|---:|",
-        f"| project (`predict_probs`, 1 vision pass per image) | {ms['project_1_prompt']:.1f} "
+        f"| project (`predict_probs`, 1 vision pass per image){_reused(inference)} | {ms['project_1_prompt']:.1f} "
         f"| {ms['project_all_prompts']:.1f} | {inference['project_all_vs_1_prompt']:.2f} |",
         f"| naive (1 full forward per prompt) | {ms['naive_1_prompt']:.1f} | {ms['naive_all_prompts']:.1f} "
         f"| {inference['naive_all_vs_1_prompt']:.2f} |",
@@ -601,6 +609,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phases", default=",".join(PHASES),
                         help=f"comma-separated subset of {','.join(PHASES)} (default: all; the training ratios need "
                              "naive and a trainer)")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --workdir: keep the phases an earlier run there finished with the same settings, "
+                             "run the rest")
     parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)  # internal: run one phase
     args = parser.parse_args(argv)
 
@@ -612,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(selected) - set(PHASES))
     if unknown or not selected:
         parser.error(f"--phases: unknown {unknown or 'empty list'}; choose from {', '.join(PHASES)}")
+    if args.resume and not args.workdir:
+        parser.error("--resume needs the --workdir of the earlier run")
     settings = QUICK if args.quick else FULL
     if args.threads:
         settings = replace(settings, threads=args.threads)
@@ -626,9 +639,18 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{settings.mode} benchmark in {workdir}: generating the synthetic data set")
         data = prepare_data(workdir, settings, params["prompts"], int(params["seed"]))
         config = train_config(settings, params)
-        write_json_atomic(workdir / "bench_inputs.json", {"settings": asdict(settings), "config": config})
+        inputs = {"settings": asdict(settings), "config": config}
+        inputs_file = workdir / "bench_inputs.json"
+        same_inputs = inputs_file.exists() and json.loads(inputs_file.read_text(encoding="utf-8")) == inputs
+        write_json_atomic(inputs_file, inputs)
         phases = {}
         for name in (name for name in PHASES if name in selected):
+            finished = workdir / f"phase_{name}.json"
+            if args.resume and same_inputs and finished.exists():
+                phases[name] = {**json.loads(finished.read_text(encoding="utf-8")), "reused_from_earlier_run": True}
+                log(f"phase {name}: reusing the earlier run's result ({finished})")
+                continue
+            finished.unlink(missing_ok=True)
             phases[name] = run_phase_in_child(name, workdir)
             write_json_atomic(out, {"complete": False, "settings": asdict(settings), "config": config,
                                     "data": data, "phases": phases})

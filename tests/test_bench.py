@@ -85,16 +85,24 @@ def test_cache_counts_and_inference_agree_with_the_naive_forward(quick_results):
     assert all(value > 0 for value in costs.values())
 
 
-def test_a_subset_of_phases_runs_alone_and_says_it_is_incomplete(tmp_path):
-    out = tmp_path / "results.json"
-    command = [sys.executable, str(REPO_ROOT / "bench" / "bench_train.py"), "--quick", "--out", str(out)]
+def test_a_subset_of_phases_runs_alone_and_resume_reuses_it(tmp_path):
+    out, workdir = tmp_path / "results.json", tmp_path / "work"
+    command = [sys.executable, str(REPO_ROOT / "bench" / "bench_train.py"), "--quick", "--out", str(out),
+               "--workdir", str(workdir)]
     completed = subprocess.run([*command, "--phases", "inference"], capture_output=True, text=True, timeout=600,
                                check=False)
     assert completed.returncode == 0, completed.stderr[-4000:]
-    results = json.loads(out.read_text(encoding="utf-8"))
-    assert set(results["phases"]) == {"inference"} and results["complete"] is False
+    alone = json.loads(out.read_text(encoding="utf-8"))
+    assert set(alone["phases"]) == {"inference"} and alone["complete"] is False
     assert "all 5 prompts" in completed.stdout and "naive HF loop" not in completed.stdout
-    assert set(results["summary"]) == {"epochs", "inference_all_vs_1_prompt"}
+    assert set(alone["summary"]) == {"epochs", "inference_all_vs_1_prompt"}
+
+    completed = subprocess.run([*command, "--resume", "--phases", "inference,naive"], capture_output=True, text=True,
+                               timeout=600, check=False)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    resumed = json.loads(out.read_text(encoding="utf-8"))
+    assert resumed["phases"]["inference"] == {**alone["phases"]["inference"], "reused_from_earlier_run": True}
+    assert "reused_from_earlier_run" not in resumed["phases"]["naive"]
 
     rejected = subprocess.run([*command, "--phases", "inference,warp"], capture_output=True, text=True,
                               timeout=120, check=False)
