@@ -642,6 +642,8 @@ def main(argv: list[str] | None = None) -> int:
         inputs = {"settings": asdict(settings), "config": config}
         inputs_file = workdir / "bench_inputs.json"
         same_inputs = inputs_file.exists() and json.loads(inputs_file.read_text(encoding="utf-8")) == inputs
+        if args.resume and not same_inputs:
+            log("--resume: the earlier run used other settings (or none is there); running every phase")
         write_json_atomic(inputs_file, inputs)
         phases = {}
         for name in (name for name in PHASES if name in selected):

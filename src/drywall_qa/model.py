@@ -311,7 +311,7 @@ def pair_activations(activations: Sequence[torch.Tensor], image_index: torch.Ten
 # The decoder's per-token MLP (reduce_dim -> decoder_intermediate_size -> reduce_dim) and its ReLU are
 # memory-bound on a CPU: decoding many pairs at once streams a [pairs x tokens x intermediate] tensor
 # through memory several times. Chunks whose intermediate stays cache-sized (4M floats) decode the
-# `base` preset ~1.5x faster per pair on this 2-core machine (bench/bench_train.py) with the same
+# `base` preset 1.3-1.6x faster per pair on this 2-core machine (bench/bench_train.py) with the same
 # results up to float rounding. GPUs want the whole batch in one call.
 DECODER_CHUNK_ELEMENTS = 1 << 22
 
@@ -327,17 +327,17 @@ def decode(
     model: CLIPSegForImageSegmentation,
     activations: Sequence[torch.Tensor],
     conditional: torch.Tensor,
-    chunk_pairs: int | None = -1,
+    chunk_pairs: int | str | None = "auto",
 ) -> torch.Tensor:
     """Mask logits `[N, H, W]` for N pairs: activations and conditional embeddings row-aligned.
 
-    `chunk_pairs`: pairs per decoder call; -1 picks `decoder_chunk_pairs` for the device, None decodes
+    `chunk_pairs`: pairs per decoder call; "auto" picks `decoder_chunk_pairs` for the device, None decodes
     all pairs in one call. Every pair is decoded independently, so chunking changes no result.
     """
     pairs = conditional.shape[0]
     if activations[0].shape[0] != pairs:
         raise ValueError(f"{activations[0].shape[0]} activation rows but {pairs} conditional embeddings")
-    if chunk_pairs == -1:
+    if chunk_pairs == "auto":
         chunk_pairs = decoder_chunk_pairs(model, activations[0].shape[1], activations[0].device)
     if chunk_pairs is None or chunk_pairs >= pairs:
         return model.decoder(list(activations), conditional).logits
