@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import sys
 
-import mlflow
-import pandas as pd
-
-from drywall_qa.evaluate import EvaluationError, run_evaluation
+from drywall_qa.numerics import NumericsError, configure_cpu_numerics
 from drywall_qa.params import load_params
-from drywall_qa.tracking import TrackingUnavailableError, log_dataset, stage_run
+
+try:  # before anything below imports torch
+    configure_cpu_numerics(load_params()["cpu_numerics"])
+except NumericsError as error:
+    sys.exit(f"evaluate: {error}")
+
+import mlflow  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from drywall_qa.evaluate import EvaluationError, run_evaluation  # noqa: E402
+from drywall_qa.tracking import TrackingUnavailableError, log_dataset, stage_run  # noqa: E402
 
 PLOTS = ("plots/eval_per_image.csv", "plots/eval_per_prompt.csv", "plots/threshold_sweep.csv")
 
@@ -21,7 +28,7 @@ PLOTS = ("plots/eval_per_image.csv", "plots/eval_per_prompt.csv", "plots/thresho
 def main() -> int:
     params = load_params()
     evaluate = params["evaluate"]
-    stage_params = {"seed": params["seed"], "model": params["model"], "evaluate": evaluate, "prompts": params["prompts"]}
+    stage_params = {key: params[key] for key in ("seed", "cpu_numerics", "model", "evaluate", "prompts")}
     try:
         with stage_run("evaluate", params=stage_params, all_params=params):
             log_dataset("data/manifest.csv", name="manifest", context="evaluate")

@@ -11,7 +11,15 @@ import os
 import sys
 from pathlib import Path
 
-import matplotlib
+from drywall_qa.numerics import NumericsError, configure_cpu_numerics
+from drywall_qa.params import load_params
+
+try:  # before anything below imports torch
+    configure_cpu_numerics(load_params()["cpu_numerics"])
+except NumericsError as error:
+    sys.exit(f"train: {error}")
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -21,7 +29,6 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from drywall_qa.data import ManifestError  # noqa: E402
 from drywall_qa.mlflow_model import log_pyfunc_model  # noqa: E402
 from drywall_qa.model import ModelConfigError  # noqa: E402
-from drywall_qa.params import load_params  # noqa: E402
 from drywall_qa.tracking import TrackingUnavailableError, log_dataset, stage_run  # noqa: E402
 from drywall_qa.train import TrainConfig, TrainConfigError, read_history, train  # noqa: E402
 
@@ -52,7 +59,7 @@ def history_figure(history: list[dict]) -> plt.Figure:
 def main() -> int:
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar per checkpoint in the stage log
     params = load_params()
-    stage_params = {key: params[key] for key in ("seed", "lr", "model", "train", "prompts")}
+    stage_params = {key: params[key] for key in ("seed", "lr", "cpu_numerics", "model", "train", "prompts")}
     repo_root = Path(os.environ.get("DVC_ROOT") or ".")
 
     def log_epoch(row: dict) -> None:

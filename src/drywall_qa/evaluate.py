@@ -29,6 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from drywall_qa.atomic import replace_dir, write_csv_atomic, write_json_atomic
 from drywall_qa.metrics import Counts, binarize, confusion_counts, dice, iou, precision, recall, summarize, threshold_counts
 from drywall_qa.naming import mask_file_name, prompt_slug
+from drywall_qa.numerics import describe_cpu_numerics
 from drywall_qa.split import MANIFEST_COLUMNS
 
 PredictFn = Callable[[list[Image.Image], list[str]], list[np.ndarray]]
@@ -364,7 +365,8 @@ def device_name(device: Any) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     if device.type == "cpu":
-        return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        cpu = platform.processor() or platform.machine()
+        return f"cpu ({cpu}, {torch.get_num_threads()} threads, {describe_cpu_numerics()} numerics)"
     return device.type
 
 

@@ -50,6 +50,7 @@ from drywall_qa.data import (
     read_manifest,
 )
 from drywall_qa.inference import autocast, select_device
+from drywall_qa.numerics import describe_cpu_numerics
 from drywall_qa.model import (
     backbone_is_frozen,
     build_model,
@@ -397,7 +398,8 @@ def train(
             train_set, batch_size=config.batch_size, shuffle=True, collate_fn=collate_pairs,
             generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch), **loader_options,
         )
-        bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False)
+        # disable=None: a bar on a terminal, none in CI logs (the epoch line below still prints)
+        bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=None if progress else True, leave=False)
         final_train_loss = _train_epoch(forward, bar, train_set, optimizer, scheduler, trainable, config)
         val = validate(forward, val_set, config, loader_options)
         run.seconds += time.perf_counter() - epoch_started
@@ -462,6 +464,7 @@ def train(
         "trainable_params": count_parameters(model, trainable_only=True),
         "weights_init": config.weights_init,
         "device": str(device_),
+        "cpu_numerics": describe_cpu_numerics(),
         "frozen_backbone": backbone_is_frozen(model),
         "train_images": len(train_set),
         "val_images": len(val_set),
