@@ -18,8 +18,8 @@ name="${REAL_EXP_NAME:-real}"
 out="${REAL_OUT_DIR:-metrics/real}"
 
 # Training from scratch on ~1,500 photos on a CPU: the `tiny` preset at 192 px (12x12 tokens; 128 px
-# gave 8x8 and blobby crack masks, val mIoU 0.247 vs 0.304) takes ~99 s an epoch, ~52 min in all. lr 5e-4 with BCE + Dice 1:1 (probed on val: lr 1e-3 with
-# Dice x2 stalled at a flat loss). One torch thread, for training and (OMP_NUM_THREADS) evaluation:
+# gave 8x8 and blobby crack masks, val mIoU 0.247 vs 0.304) takes ~99 s an epoch, ~52 min in all.
+# lr 5e-4 with BCE + Dice 1:1 (probed on val: lr 1e-3 with Dice x2 stalled at a flat loss). One torch thread, for training and (OMP_NUM_THREADS) evaluation:
 # on a busy 2-core machine two threads oversubscribe and ran 4-6x slower than one. Native CPU
 # kernels: the real run is not gated, so it takes the fastest ones (see params.yaml cpu_numerics).
 recipe=(

@@ -50,7 +50,6 @@ from drywall_qa.data import (
     read_manifest,
 )
 from drywall_qa.inference import autocast, select_device
-from drywall_qa.numerics import describe_cpu_numerics
 from drywall_qa.model import (
     backbone_is_frozen,
     build_model,
@@ -63,6 +62,7 @@ from drywall_qa.model import (
     set_backbone_trainable,
     tokenize_prompts,
 )
+from drywall_qa.numerics import describe_cpu_numerics
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_miou", "val_dice", "lr", "seconds"]
 STATE_FILE = "training_state.json"
