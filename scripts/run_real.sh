@@ -17,23 +17,32 @@ cd "$(dirname "$0")/.."
 name="${REAL_EXP_NAME:-real}"
 out="${REAL_OUT_DIR:-metrics/real}"
 
-# Training from scratch on ~1,500 photos on a CPU: the `tiny` preset at 192 px (12x12 tokens; 128 px
-# gave 8x8 and blobby crack masks, val mIoU 0.247 vs 0.304) takes ~99 s an epoch, ~52 min in all.
-# lr 5e-4 with BCE + Dice 1:1 (probed on val: lr 1e-3 with Dice x2 stalled at a flat loss). One torch thread, for training and (OMP_NUM_THREADS) evaluation:
-# on a busy 2-core machine two threads oversubscribe and ran 4-6x slower than one. Native CPU
-# kernels: the real run is not gated, so it takes the fastest ones (see params.yaml cpu_numerics).
+# Training from scratch on ~1,500 photos on a CPU, at the photos' own scale (issue: native scale):
+# the 640 px photos are scaled by 0.75 (480 px; a 16 px patch covers ~21 photo pixels instead of ~53
+# at the old 192 px resize), the `tiny` preset trains on 224 px crops of them with scale jitter
+# 0.7-1.4, 70% of crops centred on foreground, and validation, evaluation and predict make each mask
+# in one whole-photo pass at 480 px (HF CLIPSeg interpolates the position embeddings), upsampled to
+# 640. Whole vs sliding windows and the other levers were compared on val: metrics/real/ablation.md.
+# lr 5e-4 with BCE + Dice 1:1 (probed on val: lr 1e-3 with Dice x2 stalled at a flat loss).
+# One torch thread, for training and (OMP_NUM_THREADS) evaluation: on a busy 2-core machine two
+# threads oversubscribe and ran 4-6x slower than one. Native CPU kernels: the real run is not gated,
+# so it takes the fastest ones (see params.yaml cpu_numerics).
 recipe=(
   -S data.source=local
   -S model.preset=tiny
-  -S model.image_size=192
+  -S model.image_size=224
+  -S inference.mode=whole
+  -S inference.scale=0.75
+  -S train.crop_scale_jitter=[0.7,1.4]
+  -S train.crop_foreground_prob=0.7
   -S lr=5e-4
-  -S train.epochs=30
+  -S train.epochs=20
   -S train.batch_size=8
   -S train.bce_weight=1.0
   -S train.dice_weight=1.0
   -S train.negative_prompts=true
   -S train.augment=true
-  -S train.early_stopping_patience=12
+  -S train.early_stopping_patience=8
   -S train.num_threads=1
   -S cpu_numerics=native
 )

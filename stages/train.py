@@ -59,7 +59,7 @@ def history_figure(history: list[dict]) -> plt.Figure:
 def main() -> int:
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar per checkpoint in the stage log
     params = load_params()
-    stage_params = {key: params[key] for key in ("seed", "lr", "cpu_numerics", "model", "train", "prompts")}
+    stage_params = {key: params[key] for key in ("seed", "lr", "cpu_numerics", "model", "train", "inference", "prompts")}
     repo_root = Path(os.environ.get("DVC_ROOT") or ".")
 
     def log_epoch(row: dict) -> None:

@@ -1,10 +1,18 @@
 """Training data over `data/manifest.csv`: one item per image with all its prompts and masks.
 
-An item is an image (resized to the model's input size, optionally augmented, normalised with the
-processor's mean/std) together with every prompt it is trained on: the manifest's prompts of its
+An item is an image (normalised with the processor's mean/std) together with every prompt it is
+trained on: the manifest's prompts of its
 dataset with their masks, and, with `negative_prompts`, the other datasets' prompts with an empty
 mask (that is what teaches the model that the prompt matters). The training loop runs the vision
 encoder once per item and the decoder once per (image, prompt) pair.
+
+Two geometries:
+- `working_scale=None` (inference mode `resize`): the whole image resized to the model's input size;
+- `working_scale=s` (inference modes `whole` and `sliding`): the image scaled by `s` (1.0 = the
+  photo's own pixels, each side rounded to a multiple of the patch size). Training items are random
+  crops of the model's input size from it, with scale jitter, over-sampling crops that hold
+  foreground (albumentations' `CropNonEmptyMaskIfExists`); validation items are the whole scaled
+  image, as inference sees it.
 
 Augmented views are reproducible: view `v` of an image is drawn with a seed derived from
 (seed, the image's content hash, v), so the activation cache can store view `v` and an uncached run
@@ -28,6 +36,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from drywall_qa.inference import normalize, resize_array, working_size
 
 MANIFEST_COLUMNS = [
     "dataset", "split", "image_id", "image_path", "mask_path", "prompt", "group", "width", "height", "source_split"
@@ -113,13 +123,6 @@ def read_rgb(path: Path) -> np.ndarray:
         raise ManifestError(f"cannot read image {path}: {error}") from error
 
 
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize to `[size, size]`: INTER_AREA averages when shrinking (no aliasing), bilinear when enlarging."""
-    height, width = image.shape[:2]
-    shrink = height >= size and width >= size
-    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-
-
 def channel_statistics(records: Sequence[ImageRecord], image_size: int) -> tuple[list[float], list[float]]:
     """Per-channel mean and std (in [0, 1] units) of the images at the model's input size.
 
@@ -133,7 +136,7 @@ def channel_statistics(records: Sequence[ImageRecord], image_size: int) -> tuple
     total_sq = np.zeros(3)
     count = 0
     for record in records:
-        pixels = resize_image(read_rgb(record.image_path), image_size).reshape(-1, 3).astype(np.float64) / 255.0
+        pixels = resize_array(read_rgb(record.image_path), (image_size, image_size)).reshape(-1, 3).astype(np.float64) / 255.0
         total += pixels.sum(0)
         total_sq += np.square(pixels).sum(0)
         count += len(pixels)
@@ -159,6 +162,46 @@ def build_augmentation() -> A.Compose:
                 p=0.5,
             ),
             A.RandomBrightnessContrast(brightness_limit=0.05, contrast_limit=0.1, p=0.5),
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class CropConfig:
+    """Training crops at the working scale (params `train.crop_*`)."""
+
+    scale_jitter: tuple[float, float]  # the working-scale image is rescaled by a factor drawn from it
+    foreground_prob: float             # share of crops centred on a foreground pixel (when there is one)
+
+    def __post_init__(self) -> None:
+        low, high = self.scale_jitter
+        if not 0.1 <= low <= high <= 4:
+            raise ValueError(f"train.crop_scale_jitter must be [low, high] with 0.1 <= low <= high <= 4, got {list(self.scale_jitter)}")
+        if not 0 <= self.foreground_prob <= 1:
+            raise ValueError(f"train.crop_foreground_prob must be in [0, 1], got {self.foreground_prob}")
+
+
+def build_crop_augmentation(crop_size: int, crop: CropConfig) -> A.Compose:
+    """Joint image + mask augmentation for native-scale training: scale jitter, a crop of the model's
+    input size (foreground-seeking with `foreground_prob`), flips, right-angle turns (seams and
+    cracks run any way), a small rotation, photometric jitter."""
+    low, high = crop.scale_jitter
+    return A.Compose(
+        [
+            A.RandomScale(scale_limit=(low - 1, high - 1), interpolation=cv2.INTER_LINEAR,
+                          area_for_downscale="image", p=1.0),
+            A.PadIfNeeded(min_height=crop_size, min_width=crop_size, border_mode=cv2.BORDER_CONSTANT,
+                          fill=0, fill_mask=0),
+            A.OneOf(
+                [A.CropNonEmptyMaskIfExists(crop_size, crop_size, p=crop.foreground_prob),
+                 A.RandomCrop(crop_size, crop_size, p=1 - crop.foreground_prob)],
+                p=1.0,
+            ),
+            A.HorizontalFlip(p=0.5),
+            A.VerticalFlip(p=0.5),
+            A.RandomRotate90(p=0.5),
+            A.Affine(rotate=(-15, 15), border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.3),
+            A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.15, p=0.5),
         ]
     )
 
@@ -196,6 +239,9 @@ class SegmentationDataset(Dataset):
         negative_prompts: bool,
         seed: int,
         views: int | None = None,
+        working_scale: float | None = None,
+        crop: CropConfig | None = None,
+        patch_size: int = 16,
     ):
         if not records:
             raise ManifestError("the split has no images")
@@ -209,12 +255,19 @@ class SegmentationDataset(Dataset):
         self.mean = np.asarray(mean, dtype=np.float32)
         self.std = np.asarray(std, dtype=np.float32)
         self.augment = augment
-        self.augmentation = build_augmentation() if augment else None
+        self.working_scale = working_scale
+        self.patch_size = patch_size
+        if working_scale is not None and augment:
+            if crop is None:
+                raise ValueError("native-scale training needs a CropConfig")
+            self.augmentation = build_crop_augmentation(image_size, crop)
+        else:
+            self.augmentation = build_augmentation() if augment else None
         self.negative_prompts = negative_prompts
         self.seed = seed
         self.views = views
         self.epoch = 0
-        self._resized: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # decoded once, kept at image_size
+        self._resized: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # decoded once, kept at the item scale
         self._hashes: dict[int, str] = {}
 
     def __len__(self) -> int:
@@ -235,6 +288,7 @@ class SegmentationDataset(Dataset):
             "mean": [round(float(v), 6) for v in self.mean],
             "std": [round(float(v), 6) for v in self.std],
             "resize": "cv2-area-or-linear/nearest-mask",
+            "working_scale": self.working_scale,
             "augmentation": self.augmentation.to_dict() if self.augmentation else None,
             "seed": self.seed if self.augment else None,
         }
@@ -268,9 +322,8 @@ class SegmentationDataset(Dataset):
             self.augmentation.set_random_seed(view_seed(self.seed, self.image_hash(index), view))
             out = self.augmentation(image=image, masks=list(masks))
             image, masks = out["image"], np.stack(out["masks"])
-        pixels = (image.astype(np.float32) / 255.0 - self.mean) / self.std
         return {
-            "pixel_values": torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))),
+            "pixel_values": normalize(image, self.mean, self.std),
             "masks": torch.from_numpy(np.ascontiguousarray(masks > 0)).float(),
             "prompt_index": torch.tensor([self.prompt_index[p] for p in prompts], dtype=torch.long),
             "positive": torch.tensor([p in record.prompts for p in prompts], dtype=torch.bool),
@@ -283,11 +336,21 @@ class SegmentationDataset(Dataset):
             self._resized[index] = self._read(self.records[index])
         return self._resized[index]
 
+    def item_size(self, index: int) -> tuple[int, int]:
+        """(height, width) of item `index` before augmentation."""
+        if self.working_scale is None:
+            return self.image_size, self.image_size
+        record = self.records[index]
+        return working_size(record.height, record.width, self.working_scale, self.patch_size)
+
     def _read(self, record: ImageRecord) -> tuple[np.ndarray, np.ndarray]:
-        size = self.image_size
         original = read_rgb(record.image_path)
         height, width = original.shape[:2]
-        image = resize_image(original, size)
+        if self.working_scale is None:
+            size = (self.image_size, self.image_size)
+        else:
+            size = working_size(height, width, self.working_scale, self.patch_size)
+        image = resize_array(original, size)
         masks = []
         for mask_path in record.mask_paths:
             try:
@@ -302,8 +365,17 @@ class SegmentationDataset(Dataset):
             values = np.unique(mask)
             if not set(values.tolist()) <= {0, 255}:
                 raise ManifestError(f"mask {mask_path} has values {values[:8].tolist()}, expected only 0 and 255")
-            masks.append(cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST))
+            masks.append(resize_array(mask, size, nearest=True))
         return image, np.stack(masks)
+
+
+def size_grouped_batches(dataset: SegmentationDataset, batch_size: int) -> list[list[int]]:
+    """Batches of item indices whose items share a size (whole images of different sizes cannot stack)."""
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for index in range(len(dataset)):
+        groups[dataset.item_size(index)].append(index)
+    return [indices[start : start + batch_size]
+            for _, indices in sorted(groups.items()) for start in range(0, len(indices), batch_size)]
 
 
 def collate_pairs(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:

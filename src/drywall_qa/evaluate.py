@@ -508,7 +508,7 @@ def run_evaluation(
     """
     import torch
 
-    from drywall_qa.inference import predict_probs, select_device
+    from drywall_qa.inference import InferenceConfig, predict_probs, select_device
     from drywall_qa.model import build_model, load_model
 
     model_dir, predictions_dir, repo_root = Path(model_dir), Path(predictions_dir), Path(repo_root)
@@ -518,6 +518,7 @@ def run_evaluation(
     manifest = read_manifest(manifest_path)
     device = select_device(device)
     model, processor = load_model(str(model_dir))
+    inference = InferenceConfig.of(model)  # how the checkpoint makes masks; the zero-shot model does the same
     predict_fn = functools.partial(predict_probs, model, processor, device=device, batch_size=batch_size)
 
     timing = [load_image(repo_root / image.image_path) for image in split_images(manifest, "test")[:timing_images]]
@@ -541,11 +542,13 @@ def run_evaluation(
         if zero_shot:
             torch.manual_seed(seed)
             zs_model, zs_processor = build_model(**model_params, prompts=all_prompts)
+            inference.attach(zs_model)
             zs_predict = functools.partial(predict_probs, zs_model, zs_processor, device=device, batch_size=batch_size)
             add_zero_shot(result, zs_predict, manifest, repo_root, batch_size)
         replace_dir(staging, predictions_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    result.metrics |= runtime | footprint | {"runtime.device": device_name(device)}
+    result.metrics |= runtime | footprint | {"runtime.device": device_name(device), "inference.mode": inference.mode,
+                                             "inference.scale": inference.scale}
     write_outputs(result, metrics_path, plots_dir)
     return result

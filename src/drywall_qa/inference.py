@@ -1,16 +1,83 @@
-"""Batched CLIPSeg inference: one vision pass per image for all prompts, probabilities at original size."""
+"""Batched CLIPSeg inference: one vision pass per image (or window) for all prompts, probabilities at
+the image's original size.
+
+How a mask is made is the checkpoint's own `InferenceConfig` (saved in its `config.json` under
+`drywall_inference`, so evaluation, `drywall-qa predict` and the MLflow pyfunc all read the same):
+
+- `resize`: the whole photo resized to the model's input size (CLIPSeg's own recipe; published
+  checkpoints, which carry no setting, use it), logits upsampled to the photo's size;
+- `whole`: the photo scaled by `scale` (1.0 = its own resolution, rounded to a multiple of the patch
+  size) in one pass; HF CLIPSeg interpolates the position embeddings to the larger token grid;
+- `sliding`: the scaled photo in windows of the model's input size with `overlap`, window logits
+  averaged where they overlap.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
 from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
 from drywall_qa.model import decode, encode_images, encode_prompts, pair_activations, resize_logits, tokenize_prompts
+
+INFERENCE_MODES = ("resize", "whole", "sliding")
+CONFIG_KEY = "drywall_inference"  # the checkpoint config.json attribute that carries the setting
+
+
+class InferenceConfigError(ValueError):
+    """An `inference` parameter that cannot make masks."""
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """How masks are made at the photo's resolution (params.yaml `inference`)."""
+
+    mode: str = "resize"
+    scale: float = 1.0     # whole/sliding: the photo's scale before the pass (training crops share it)
+    overlap: float = 0.5   # sliding: fraction of a window shared with its neighbour
+
+    def __post_init__(self) -> None:
+        if self.mode not in INFERENCE_MODES:
+            raise InferenceConfigError(f"inference.mode must be one of {INFERENCE_MODES}, got {self.mode!r}")
+        if not 0.05 <= float(self.scale) <= 8:
+            raise InferenceConfigError(f"inference.scale must be in [0.05, 8], got {self.scale!r}")
+        if not 0 <= float(self.overlap) < 1:
+            raise InferenceConfigError(f"inference.overlap must be in [0, 1), got {self.overlap!r}")
+
+    @classmethod
+    def from_params(cls, section: dict[str, Any] | None) -> InferenceConfig:
+        section = dict(section or {})
+        unknown = sorted(set(section) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise InferenceConfigError(f"unknown inference params {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+        try:
+            return cls(mode=str(section.get("mode", "resize")), scale=float(section.get("scale", 1.0)),
+                       overlap=float(section.get("overlap", 0.5)))
+        except (TypeError, ValueError) as error:
+            if isinstance(error, InferenceConfigError):
+                raise
+            raise InferenceConfigError(f"inference params must be numbers where numbers are due: {error}") from None
+
+    @classmethod
+    def of(cls, model: CLIPSegForImageSegmentation) -> InferenceConfig:
+        """The setting a checkpoint was trained and validated with; `resize` when it carries none."""
+        return cls.from_params(getattr(model.config, CONFIG_KEY, None))
+
+    def attach(self, model: CLIPSegForImageSegmentation) -> None:
+        """Record the setting in the model's config, so `save_pretrained` writes it with the weights."""
+        setattr(model.config, CONFIG_KEY, asdict(self))
+
+    @property
+    def native(self) -> bool:
+        """True when masks are made at the (scaled) photo's resolution rather than the model's input size."""
+        return self.mode != "resize"
 
 
 def select_device(preferred: str | None = None) -> torch.device:
@@ -37,6 +104,86 @@ def pixel_values_for(processor: CLIPSegProcessor, images: Sequence[Image.Image])
     return processor.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
 
 
+def working_size(height: int, width: int, scale: float, patch: int) -> tuple[int, int]:
+    """The photo's size after `scale`, each side rounded to a multiple of the patch size (at least one patch)."""
+    return (max(patch, round(height * scale / patch) * patch), max(patch, round(width * scale / patch) * patch))
+
+
+def resize_array(image: np.ndarray, size: tuple[int, int], nearest: bool = False) -> np.ndarray:
+    """`image` resized to `size` (height, width): nearest for masks, else INTER_AREA when shrinking
+    (no aliasing) and bilinear when enlarging. No-op at the same size."""
+    height, width = size
+    if image.shape[:2] == (height, width):
+        return image
+    if nearest:
+        interpolation = cv2.INTER_NEAREST
+    else:
+        shrink = image.shape[0] >= height and image.shape[1] >= width
+        interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    return cv2.resize(image, (width, height), interpolation=interpolation)
+
+
+def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """RGB uint8 `[H, W, 3]` -> normalised float32 `[3, H, W]`: the same arithmetic as training."""
+    mean_ = np.asarray(mean, dtype=np.float32)
+    std_ = np.asarray(std, dtype=np.float32)
+    pixels = (image.astype(np.float32) / 255.0 - mean_) / std_
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+
+def window_starts(length: int, window: int, overlap: float) -> list[int]:
+    """Offsets of windows of `window` pixels covering `length` with at least `overlap` shared, the
+    last one flush with the end."""
+    if length <= window:
+        return [0]
+    stride = max(1, int(window * (1 - overlap)))
+    starts = list(range(0, length - window, stride))
+    return [*starts, length - window]
+
+
+def model_input_size(processor: CLIPSegProcessor) -> int:
+    """The side the model was trained at: the processor's resize target (= the training crop)."""
+    return int(processor.image_processor.size["height"])
+
+
+def native_logits(
+    model: CLIPSegForImageSegmentation,
+    pixel_values: torch.Tensor,
+    conditional: torch.Tensor,
+    config: InferenceConfig,
+    window: int,
+) -> torch.Tensor:
+    """Mask logits `[B, P, H, W]` of P prompts for a `[B, 3, H, W]` batch already at the working scale.
+
+    `whole` runs the batch through the vision encoder once; `sliding` once per window (all prompts of
+    a window decoded against that one pass) and averages the logits where windows overlap.
+    """
+    batch, _, height, width = pixel_values.shape
+    n_prompts = conditional.shape[0]
+
+    def one_pass(pixels: torch.Tensor) -> torch.Tensor:
+        activations = encode_images(model, pixels)
+        image_index = torch.arange(pixels.shape[0], device=pixels.device).repeat_interleave(n_prompts)
+        logits = decode(model, pair_activations(activations, image_index), conditional.repeat(pixels.shape[0], 1))
+        logits = resize_logits(logits.float(), tuple(pixels.shape[-2:]))
+        return logits.view(pixels.shape[0], n_prompts, *pixels.shape[-2:])
+
+    if config.mode == "whole" or (height <= window and width <= window):
+        return one_pass(pixel_values)
+    if config.mode != "sliding":
+        raise InferenceConfigError(f"native_logits handles whole and sliding, not {config.mode!r}")
+    total = torch.zeros(batch, n_prompts, height, width, device=pixel_values.device)
+    count = torch.zeros(1, 1, height, width, device=pixel_values.device)
+    win_h, win_w = min(window, height), min(window, width)
+    for top in window_starts(height, win_h, config.overlap):
+        for left in window_starts(width, win_w, config.overlap):
+            total[..., top : top + win_h, left : left + win_w] += one_pass(
+                pixel_values[..., top : top + win_h, left : left + win_w]
+            )
+            count[..., top : top + win_h, left : left + win_w] += 1
+    return total / count
+
+
 @torch.inference_mode()
 def predict_probs(
     model: CLIPSegForImageSegmentation,
@@ -48,14 +195,16 @@ def predict_probs(
 ) -> list[np.ndarray]:
     """For each PIL image, a float32 `[len(prompts), H, W]` array of mask probabilities at its original size.
 
-    The prompts are encoded once; each batch of images goes through the vision encoder once and the
-    decoder runs once per (image, prompt) pair. Logits are resized bilinearly to the original size
-    before the sigmoid. The model is moved to `device` (auto-selected when None) and left there.
+    The checkpoint's `InferenceConfig` decides how (see the module docstring). The prompts are
+    encoded once; each image (or window) goes through the vision encoder once and the decoder once
+    per (image, prompt) pair. Logits are resized bilinearly to the original size before the sigmoid.
+    The model is moved to `device` (auto-selected when None) and left there.
     """
     if not prompts:
         raise ValueError("predict_probs needs at least one prompt")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    config = InferenceConfig.of(model)
     device = select_device() if device is None else torch.device(device)
     was_training = model.training
     model.to(device).eval()
@@ -64,18 +213,46 @@ def predict_probs(
         with autocast(device):
             input_ids, attention_mask = tokenize_prompts(processor, prompts, device)
             conditional = encode_prompts(model, input_ids, attention_mask)
-            n_prompts = len(prompts)
             for start in range(0, len(images), batch_size):
-                batch = images[start : start + batch_size]
-                pixel_values = pixel_values_for(processor, batch).to(device, non_blocking=True)
-                activations = encode_images(model, pixel_values)
-                image_index = torch.arange(len(batch), device=device).repeat_interleave(n_prompts)
-                logits = decode(model, pair_activations(activations, image_index), conditional.repeat(len(batch), 1))
-                logits = logits.float().view(len(batch), n_prompts, *logits.shape[-2:])
-                for image, image_logits in zip(batch, logits, strict=True):
+                batch = list(images[start : start + batch_size])
+                if config.native:
+                    batch_logits = _native_batch_logits(model, processor, batch, conditional, config, device)
+                else:
+                    batch_logits = _resized_batch_logits(model, processor, batch, conditional, device)
+                for image, image_logits in zip(batch, batch_logits, strict=True):
                     width, height = image.size
-                    probs = torch.sigmoid(resize_logits(image_logits, (height, width)))
+                    probs = torch.sigmoid(resize_logits(image_logits.float(), (height, width)))
                     results.append(probs.cpu().numpy().astype(np.float32, copy=False))
     finally:
         model.train(was_training)
     return results
+
+
+def _resized_batch_logits(model, processor, batch, conditional, device) -> list[torch.Tensor]:
+    pixel_values = pixel_values_for(processor, batch).to(device, non_blocking=True)
+    activations = encode_images(model, pixel_values)
+    n_prompts = conditional.shape[0]
+    image_index = torch.arange(len(batch), device=device).repeat_interleave(n_prompts)
+    logits = decode(model, pair_activations(activations, image_index), conditional.repeat(len(batch), 1))
+    return list(logits.float().view(len(batch), n_prompts, *logits.shape[-2:]))
+
+
+def _native_batch_logits(model, processor, batch, conditional, config, device) -> list[torch.Tensor]:
+    """Images of one working size share a pass; a batch of mixed sizes goes size group by size group."""
+    patch = model.config.vision_config.patch_size
+    mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
+    window = model_input_size(processor)
+    pixels = []
+    for image in batch:
+        rgb = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+        size = working_size(rgb.shape[0], rgb.shape[1], config.scale, patch)
+        pixels.append(normalize(resize_array(rgb, size), mean, std))
+    logits: list[torch.Tensor | None] = [None] * len(batch)
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for index, tensor in enumerate(pixels):
+        by_size.setdefault(tuple(tensor.shape), []).append(index)
+    for indices in by_size.values():
+        stacked = torch.stack([pixels[index] for index in indices]).to(device, non_blocking=True)
+        for index, image_logits in zip(indices, native_logits(model, stacked, conditional, config, window), strict=True):
+            logits[index] = image_logits
+    return logits

@@ -40,6 +40,7 @@ from transformers import (
 from drywall_qa.activation_cache import ActivationCache
 from drywall_qa.atomic import write_text_atomic
 from drywall_qa.data import (
+    CropConfig,
     SegmentationDataset,
     channel_statistics,
     collate_pairs,
@@ -48,8 +49,9 @@ from drywall_qa.data import (
     image_records,
     prompts_by_dataset,
     read_manifest,
+    size_grouped_batches,
 )
-from drywall_qa.inference import autocast, select_device
+from drywall_qa.inference import InferenceConfig, InferenceConfigError, autocast, native_logits, select_device
 from drywall_qa.model import (
     backbone_is_frozen,
     build_model,
@@ -98,15 +100,29 @@ class TrainConfig:
     cache_activations: bool
     cached_views: int
     num_threads: int
+    crop_scale_jitter: tuple[float, float] = (1.0, 1.0)  # native-scale training only (inference mode whole/sliding)
+    crop_foreground_prob: float = 0.5
+    inference: InferenceConfig = InferenceConfig()
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> TrainConfig:
         model, train = params["model"], params["train"]
+        optional = {"crop_scale_jitter", "crop_foreground_prob"}
         names = {name for name in cls.__dataclass_fields__} - {"seed", "lr", "preset", "weights", "image_size",
-                                                                "freeze_backbone"}
-        missing = sorted(names - set(train))
+                                                                "freeze_backbone", "inference"}
+        missing = sorted(names - optional - set(train))
         if missing:
             raise TrainConfigError(f"params.yaml train section lacks {missing}")
+        try:
+            inference = InferenceConfig.from_params(params.get("inference"))
+        except InferenceConfigError as error:
+            raise TrainConfigError(str(error)) from None
+        values = {name: train[name] for name in sorted(names) if name in train}
+        if "crop_scale_jitter" in values:
+            jitter = values["crop_scale_jitter"]
+            if not isinstance(jitter, list | tuple) or len(jitter) != 2:
+                raise TrainConfigError(f"train.crop_scale_jitter must be [low, high], got {jitter!r}")
+            values["crop_scale_jitter"] = (float(jitter[0]), float(jitter[1]))
         config = cls(
             seed=int(params["seed"]),
             lr=float(params["lr"]),
@@ -114,10 +130,17 @@ class TrainConfig:
             weights=model.get("weights") or None,
             image_size=int(model["image_size"]),
             freeze_backbone=bool(model["freeze_backbone"]),
-            **{name: train[name] for name in sorted(names)},
+            inference=inference,
+            **values,
         )
         config.validate()
         return config
+
+    def crop(self) -> CropConfig:
+        try:
+            return CropConfig(scale_jitter=tuple(self.crop_scale_jitter), foreground_prob=float(self.crop_foreground_prob))
+        except ValueError as error:
+            raise TrainConfigError(str(error)) from None
 
     def validate(self) -> None:
         if self.scheduler not in SCHEDULERS:
@@ -131,6 +154,7 @@ class TrainConfig:
             raise TrainConfigError("bce_weight and dice_weight must be >= 0 and not both 0")
         if self.early_stopping_patience < 1:
             raise TrainConfigError("train.early_stopping_patience must be >= 1")
+        self.crop()
 
     @property
     def weights_init(self) -> str:
@@ -357,18 +381,26 @@ def train(
             prompts=all_prompts, image_mean=mean, image_std=std,
         )
     set_backbone_trainable(model, not config.freeze_backbone)
+    config.inference.attach(model)  # saved in every checkpoint's config.json: inference reads it from there
     model.to(device_)
     mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
 
     use_cache = config.uses_cache
+    # Native-scale training: crops of the model's input size from the photo at the inference scale;
+    # validation then scores whole photos at that scale, the way evaluation and predict make masks.
+    native = config.inference.native
+    geometry = {
+        "working_scale": config.inference.scale if native else None,
+        "patch_size": model.config.vision_config.patch_size,
+    }
     train_set = SegmentationDataset(
         train_records, prompts, config.image_size, mean, std, augment=config.augment,
         negative_prompts=config.negative_prompts, seed=config.seed,
-        views=config.cached_views if use_cache else None,
+        views=config.cached_views if use_cache else None, crop=config.crop() if native else None, **geometry,
     )
     val_set = SegmentationDataset(
         val_records, prompts, config.image_size, mean, std, augment=False,
-        negative_prompts=config.negative_prompts, seed=config.seed,
+        negative_prompts=config.negative_prompts, seed=config.seed, **geometry,
     )
     cache = ActivationCache(model, cache_dir) if use_cache else None
 
@@ -539,6 +571,19 @@ class PairForward:
             logits = decode(self.model, pair_activations(activations, batch["image_index"].to(self.device)), conditional)
         return resize_logits(logits.float(), tuple(masks.shape[-2:])), masks
 
+    def native(self, batch: dict[str, torch.Tensor], config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(logits, masks)` of whole images at the working scale through inference's own path
+        (`native_logits`: one pass, or sliding windows), every prompt decoded, the batch's pairs kept."""
+        masks = batch["masks"].to(self.device, non_blocking=True)
+        with autocast(self.device):
+            all_logits = native_logits(
+                self.model, batch["pixel_values"].to(self.device, non_blocking=True), self.conditionals(),
+                config.inference, window=config.image_size,
+            )
+        image_index = batch["image_index"].to(self.device)
+        logits = all_logits[image_index, batch["prompt_index"].to(self.device)]
+        return logits.float(), masks
+
 
 def _train_epoch(
     forward: PairForward,
@@ -575,12 +620,16 @@ def validate(
     """Val loss over all pairs; mIoU and Dice at 0.5 over the manifest's pairs (positives); with
     negative prompts also the mean IoU of negative pairs (1 = predicted empty, as it should)."""
     forward.model.eval()
-    loader = DataLoader(val_set, batch_size=config.batch_size, shuffle=False, collate_fn=collate_pairs,
-                        **loader_options)
+    if config.inference.native:
+        loader = DataLoader(val_set, batch_sampler=size_grouped_batches(val_set, config.batch_size),
+                            collate_fn=collate_pairs, **loader_options)
+    else:
+        loader = DataLoader(val_set, batch_size=config.batch_size, shuffle=False, collate_fn=collate_pairs,
+                            **loader_options)
     loss_sum, pairs = 0.0, 0
     ious, dices, positive = [], [], []
     for batch in loader:
-        logits, masks = forward(batch, val_set)
+        logits, masks = forward.native(batch, config) if config.inference.native else forward(batch, val_set)
         loss_sum += segmentation_loss(logits, masks, config.bce_weight, config.dice_weight).item() * len(masks)
         pairs += len(masks)
         iou, dice = pair_scores(logits, masks)
