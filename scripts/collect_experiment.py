@@ -142,6 +142,8 @@ def collect(name: str, out: Path, since: float, max_figure_width: int) -> dict:
         }
         write_bytes_atomic(staging / "stage_seconds.json", (json.dumps(record, indent=2) + "\n").encode())
         if out.exists():
+            for kept in out.glob("ablation*"):  # the val ablation (scripts/ablate_real.py) is not the run's
+                shutil.copy2(kept, staging / kept.name)
             shutil.rmtree(out)
         os.replace(staging, out)
     finally:

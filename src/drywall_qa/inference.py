@@ -162,11 +162,18 @@ def native_logits(
     n_prompts = conditional.shape[0]
 
     def one_pass(pixels: torch.Tensor) -> torch.Tensor:
+        # HF's CLIPSeg decoder folds its tokens back into a square grid (side = sqrt(tokens)), so a
+        # non-square input is padded to a square with 0 (the normalised mean colour) and the logits
+        # cropped back to it.
+        rows, cols = pixels.shape[-2:]
+        side = max(rows, cols)
+        if rows != cols:
+            pixels = torch.nn.functional.pad(pixels, (0, side - cols, 0, side - rows))
         activations = encode_images(model, pixels)
         image_index = torch.arange(pixels.shape[0], device=pixels.device).repeat_interleave(n_prompts)
         logits = decode(model, pair_activations(activations, image_index), conditional.repeat(pixels.shape[0], 1))
-        logits = resize_logits(logits.float(), tuple(pixels.shape[-2:]))
-        return logits.view(pixels.shape[0], n_prompts, *pixels.shape[-2:])
+        logits = resize_logits(logits.float(), (side, side))[:, :rows, :cols]
+        return logits.reshape(pixels.shape[0], n_prompts, rows, cols)
 
     if config.mode == "whole" or (height <= window and width <= window):
         return one_pass(pixel_values)
