@@ -3,8 +3,9 @@
 An experiment run with `--temp` leaves the workspace alone: its git-tracked outputs (metrics/*.json,
 plots/*.csv, plots/figures/) are in the experiment's commit (`refs/exps/.../<name>`), and the
 stages' MLflow runs (tag `DVC_EXP_NAME=<name>`) hold what git does not: `data/raw/source.json`
-(download stage), the generated report (report stage) and each stage's wall time
-(`stage_seconds`). This script gathers both into `--out`:
+(download stage) and each stage's wall time (`stage_seconds`). This script gathers both into `--out`
+and rebuilds the report from them with this checkout's report code (so it shows every stage's wall
+time, the report stage's included):
 
     metrics/real/{source,conversion,split,train,eval}.json, eval_per_prompt.csv,
     train_history.csv, stage_seconds.json, report.md, figures/*.jpg
@@ -33,6 +34,10 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+import yaml
+
+from drywall_qa.params import load_params_text
+from drywall_qa.report import build_report, load_inputs
 from drywall_qa.tracking import configure
 
 GIT_FILES = {  # path in the experiment commit -> file name in --out
@@ -109,6 +114,30 @@ def jpeg_name(png_name: str) -> str:
     return str(Path(png_name).with_suffix(".jpg"))
 
 
+def rebuild_report(ref: str, staging: Path, runs: dict, seconds: dict, tmp: Path) -> str:
+    """The report of the experiment, built by this checkout's report code from the experiment's
+    record (its params, metrics and figures): the same generator as the report stage, now with every
+    stage's wall time, the report stage's included."""
+    figures_dir = tmp / "figures"
+    figures_dir.mkdir()
+    for path in git("ls-tree", "--name-only", f"{ref}:plots/figures").decode().split():
+        (figures_dir / path).write_bytes(git("show", f"{ref}:plots/figures/{path}"))
+    params = load_params_text(git("show", f"{ref}:params.yaml").decode())
+    lock = yaml.safe_load(git("show", f"{ref}:dvc.lock").decode()) or {}
+    raw_hash = next((out.get("md5") for stage in (lock.get("stages") or {}).values()
+                     for out in stage.get("outs") or [] if out.get("path") == "data/raw"), None)
+    inputs = load_inputs(
+        source_json=staging / "source.json", conversion_json=staging / "conversion.json",
+        split_json=staging / "split.json", train_json=staging / "train.json", eval_json=staging / "eval.json",
+        figures_dir=figures_dir,
+    )
+    mlflow_ids = {"pipeline run": runs["report"].data.tags.get("mlflow.parentRunId", "none"),
+                  "report stage run": runs["report"].info.run_id}
+    commit = git("rev-parse", ref).decode().strip()
+    return build_report(inputs, params=params, git_commit=commit, raw_data_hash=raw_hash, mlflow_ids=mlflow_ids,
+                        stage_seconds={stage: value for stage, value in seconds.items() if value is not None})
+
+
 def collect(name: str, out: Path, since: float, max_figure_width: int) -> dict:
     ref = experiment_ref(name)
     runs = stage_runs(name, int(since * 1000))
@@ -118,20 +147,20 @@ def collect(name: str, out: Path, since: float, max_figure_width: int) -> dict:
     try:
         for source, target in GIT_FILES.items():
             write_bytes_atomic(staging / target, git("show", f"{ref}:{source}"))
+        seconds = {stage: run.data.metrics.get("stage_seconds") for stage, run in runs.items()}
         with tempfile.TemporaryDirectory() as tmp:
             source_json = mlflow.artifacts.download_artifacts(run_id=runs["download"].info.run_id,
                                                               artifact_path="source.json", dst_path=tmp)
             shutil.copy(source_json, staging / "source.json")
-            report_md = Path(mlflow.artifacts.download_artifacts(run_id=runs["report"].info.run_id,
-                                                                 artifact_path="report/report.md", dst_path=tmp))
-            report = report_md.read_text()
+            report = rebuild_report(ref, staging, runs, seconds, Path(tmp))
         figures = sorted(set(FIGURE_LINK.findall(report)))
         for figure in figures:
             png = git("show", f"{ref}:plots/figures/{figure}")
             write_bytes_atomic(staging / "figures" / jpeg_name(figure), small_jpeg(png, max_figure_width))
         report = FIGURE_LINK.sub(lambda match: f"](figures/{jpeg_name(match.group(1))})", report)
+        if (out / "ablation.md").is_file():
+            report = report.replace("\n## Goal", "\nRecipe levers compared on val: [ablation.md](ablation.md).\n\n## Goal", 1)
         write_bytes_atomic(staging / "report.md", report.encode())
-        seconds = {stage: run.data.metrics.get("stage_seconds") for stage, run in runs.items()}
         record = {
             "experiment": name,
             "experiment_ref": ref,

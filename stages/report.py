@@ -9,7 +9,7 @@ import mlflow
 
 from drywall_qa.params import load_params
 from drywall_qa.report import ReportError, build_report, load_inputs, write_report
-from drywall_qa.tracking import TrackingUnavailableError, dvc_lock_digest, git_commit, stage_run
+from drywall_qa.tracking import TrackingUnavailableError, dvc_lock_digest, git_commit, pipeline_stage_seconds, stage_run
 
 
 def main() -> int:
@@ -24,16 +24,16 @@ def main() -> int:
             figures_dir="plots/figures",
         )
         with stage_run("report", params={"seed": params["seed"]}, all_params=params) as run:
-            mlflow_ids = {
-                "pipeline run": run.data.tags.get("mlflow.parentRunId", "none"),
-                "report stage run": run.info.run_id,
-            }
+            parent_id = run.data.tags.get("mlflow.parentRunId")
+            mlflow_ids = {"pipeline run": parent_id or "none", "report stage run": run.info.run_id}
+            stage_seconds = pipeline_stage_seconds(parent_id) if parent_id else {}
             markdown = build_report(
                 inputs,
                 params=params,
                 git_commit=git_commit(Path.cwd()),
                 raw_data_hash=dvc_lock_digest("data/raw"),
                 mlflow_ids=mlflow_ids,
+                stage_seconds=stage_seconds,
             )
             paths = write_report(markdown, "reports")
             for path in paths:

@@ -168,3 +168,19 @@ def test_write_report(inputs_on_disk, tmp_path):
         html = paths[1].read_text()
         assert "<table>" in html and 'src="../plots/figures/training_curves.png"' in html
     assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == sorted(p.name for p in paths)
+
+
+def test_report_states_how_masks_are_made_and_the_wall_time_of_each_stage(inputs_on_disk):
+    native = PARAMS | {"inference": {"mode": "whole", "scale": 0.75, "overlap": 0.5},
+                       "train": PARAMS["train"] | {"crop_scale_jitter": [0.7, 1.4], "crop_foreground_prob": 0.7}}
+    report = build_report(_load(inputs_on_disk), native, git_commit="abc", raw_data_hash=None, mlflow_ids={},
+                          stage_seconds={"train": 3000.25, "evaluate": 99.5})
+    side = PARAMS["model"]["image_size"]
+    assert f"| training images | {side} x {side} crops of the photo scaled by 0.75 (jitter x0.7-1.4), 70% of them" in report
+    assert "| masks made by | one pass over the whole photo scaled by 0.75, upsampled to its size |" in report
+    assert "| train | 3,000.2 |" in report and "| evaluate | 99.5 |" in report
+    assert "| **all stages above** | **3,099.8** |" in report
+    assert report.index("### Wall time per stage") > report.index("## Runtime and footprint")
+    resized = _build(inputs_on_disk)
+    assert f"| training images | whole photos resized to {side} x {side} |" in resized
+    assert "### Wall time per stage" not in resized  # no MLflow record of the stages: no table

@@ -9,14 +9,16 @@ import yaml
 
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """Load params.yaml and coerce values YAML leaves as strings.
-
-    PyYAML follows YAML 1.1, which reads `5e-05` (what `dvc exp run -S lr=5e-5`
-    writes) as a string; `lr` and every `*lr*`/`*decay*`-style number must be floats.
-    """
+    """Load params.yaml and coerce values YAML leaves as strings (see `load_params_text`)."""
     with open(path, encoding="utf-8") as handle:
-        params = yaml.safe_load(handle) or {}
-    return _coerce_numbers(params)
+        return load_params_text(handle.read())
+
+
+def load_params_text(text: str) -> dict[str, Any]:
+    """params.yaml text -> dict. PyYAML follows YAML 1.1, which reads `5e-05` (what
+    `dvc exp run -S lr=5e-5` writes) as a string; `lr` and every `*lr*`/`*decay*`-style number must
+    be floats."""
+    return _coerce_numbers(yaml.safe_load(text) or {})
 
 
 def _coerce_numbers(value: Any) -> Any:

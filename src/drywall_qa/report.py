@@ -189,6 +189,8 @@ def approach_section(inputs: ReportInputs, params: dict) -> str:
                 ("weights", describe_weights(_need(inputs.train, "weights_init", "metrics/train.json"))),
                 ("architecture preset (scratch only)", f"`{model['preset']}`"),
                 ("input size", f"{model['image_size']} x {model['image_size']}"),
+                ("training images", describe_training_geometry(params)),
+                ("masks made by", describe_inference(params)),
                 ("backbone", "frozen (decoder only)" if inputs.train.get("frozen_backbone") else "trained"),
                 ("parameters", f"{int(_need(m, 'footprint.params', 'metrics/eval.json')):,}"
                  + (f" ({int(trainable):,} trainable)" if trainable is not None else "")),
@@ -203,6 +205,26 @@ def approach_section(inputs: ReportInputs, params: dict) -> str:
         _table(["dataset", "prompts"], prompt_rows),
     ]
     return "\n".join(lines)
+
+
+def describe_training_geometry(params: dict) -> str:
+    inference, train, side = params.get("inference") or {}, params["train"], params["model"]["image_size"]
+    if inference.get("mode", "resize") == "resize":
+        return f"whole photos resized to {side} x {side}"
+    low, high = train.get("crop_scale_jitter", (1.0, 1.0))
+    return (f"{side} x {side} crops of the photo scaled by {inference.get('scale', 1.0):g} (jitter x{low:g}-{high:g}), "
+            f"{train.get('crop_foreground_prob', 0.5):.0%} of them centred on foreground")
+
+
+def describe_inference(params: dict) -> str:
+    inference, side = params.get("inference") or {}, params["model"]["image_size"]
+    mode, scale = inference.get("mode", "resize"), inference.get("scale", 1.0)
+    if mode == "whole":
+        return f"one pass over the whole photo scaled by {scale:g}, upsampled to its size"
+    if mode == "sliding":
+        return (f"{side} px windows over the photo scaled by {scale:g}, overlap {inference.get('overlap', 0.5):g}, "
+                "logits averaged")
+    return f"the photo resized to {side} x {side}, probabilities upsampled to its size"
 
 
 def data_section(inputs: ReportInputs) -> str:
@@ -411,6 +433,21 @@ def failures_section(inputs: ReportInputs, params: dict) -> str:
     return "\n".join(lines)
 
 
+def stage_seconds_section(stage_seconds: dict[str, float] | None) -> str | None:
+    if not stage_seconds:
+        return None
+    rows = [(stage, f"{seconds:,.1f}") for stage, seconds in stage_seconds.items()]
+    rows.append(("**all stages above**", f"**{sum(stage_seconds.values()):,.1f}**"))
+    return "\n".join([
+        "### Wall time per stage",
+        "",
+        "Seconds each stage of this pipeline execution took (MLflow `stage_seconds` of its child runs; the",
+        "report stage itself is not finished when this is written; stages DVC skipped as unchanged are absent).",
+        "",
+        _table(["stage", "seconds"], rows),
+    ])
+
+
 def runtime_section(inputs: ReportInputs) -> str:
     m = inputs.eval
     need = lambda key: _need(m, key, "metrics/eval.json")  # noqa: E731
@@ -470,6 +507,7 @@ def build_report(
     git_commit: str,
     raw_data_hash: str | None,
     mlflow_ids: dict[str, str],
+    stage_seconds: dict[str, float] | None = None,
 ) -> str:
     """The report as Markdown, figures referenced relative to `reports/`."""
     sections = [
@@ -483,6 +521,7 @@ def build_report(
         examples_section(inputs, params),
         failures_section(inputs, params),
         runtime_section(inputs),
+        stage_seconds_section(stage_seconds),
         reproducibility_section(params, git_commit, raw_data_hash, mlflow_ids),
     ]
     return "\n\n".join(section for section in sections if section is not None) + "\n"

@@ -193,6 +193,22 @@ def stage_run(
     client.set_terminated(parent_id, status="FINISHED")
 
 
+def pipeline_stage_seconds(parent_run_id: str) -> dict[str, float]:
+    """Wall time of each stage that ran under this pipeline parent (the latest run of each stage)."""
+    client = MlflowClient()
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+        order_by=["attributes.start_time ASC"], max_results=1000,
+    )
+    seconds: dict[str, float] = {}
+    for run in runs:
+        stage = run.data.tags.get("stage")
+        if stage and "stage_seconds" in run.data.metrics:
+            seconds[stage] = run.data.metrics["stage_seconds"]
+    return seconds
+
+
 def log_dataset(path: str | Path, name: str, context: str) -> None:
     """Log a file or folder as an MLflow dataset input of the active run.
 
