@@ -312,8 +312,9 @@ def test_config_from_params_coerces_and_validates():
 
 
 def test_pyfunc_model_predicts_binary_masks_from_paths_and_base64(tmp_path, monkeypatch):
-    from drywall_qa.mlflow_model import ImageInputError, log_pyfunc_model
+    from drywall_qa.mlflow_model import LOCAL_PATHS_ENV, ImageInputError, log_pyfunc_model
 
+    monkeypatch.setenv(LOCAL_PATHS_ENV, "1")  # this local Python call opts in to reading paths
     make_manifest(tmp_path)
     run_training(tmp_path, tiny_config(epochs=1))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -341,3 +342,23 @@ def test_pyfunc_model_predicts_binary_masks_from_paths_and_base64(tmp_path, monk
     assert mlflow.MlflowClient().get_registered_model("drywall-test").name == "drywall-test"
     with pytest.raises(ImageInputError, match="neither an existing file nor base64"):
         loaded.predict(pd.DataFrame({"image": ["/no/such/file.png"], "prompt": ["segment crack"]}))
+
+
+def test_served_pyfunc_reads_only_base64_unless_local_paths_are_opted_in(tmp_path, monkeypatch):
+    """Under `mlflow models serve` a client must not make the server read or probe its own files."""
+    from drywall_qa.mlflow_model import LOCAL_PATHS_ENV, ImageInputError, decode_image
+
+    monkeypatch.delenv(LOCAL_PATHS_ENV, raising=False)
+    existing = tmp_path / "secret.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(existing)
+    messages = []
+    for value in (str(existing), str(tmp_path / "missing.png"), "/etc/hostname"):
+        with pytest.raises(ImageInputError, match=f"not base64-encoded image bytes .*{LOCAL_PATHS_ENV}=1") as error:
+            decode_image(value)
+        messages.append(str(error.value).replace(value, "<value>"))
+    assert len(set(messages)) == 1  # the same answer whether or not the file exists
+    import base64
+
+    assert decode_image(base64.b64encode(existing.read_bytes()).decode()).size == (8, 8)
+    monkeypatch.setenv(LOCAL_PATHS_ENV, "1")
+    assert decode_image(str(existing)).size == (8, 8)

@@ -1,11 +1,12 @@
 """The trained checkpoint as an MLflow pyfunc model (`mlflow.transformers` cannot log CLIPSeg).
 
 Input: a pandas DataFrame with string columns
-- `image`: a path to an image file readable where the model runs, or the base64 encoding of an
-  image file's bytes (PNG/JPEG/...; a `data:image/...;base64,` prefix is allowed). A string that
-  names an existing file is read as a path; anything else must decode as base64.
+- `image`: the base64 encoding of an image file's bytes (PNG/JPEG/...; a `data:image/...;base64,`
+  prefix is allowed). A path to a file where the model runs is read only where whoever runs the
+  model opted in with the environment variable `DRYWALL_QA_PYFUNC_LOCAL_PATHS=1`: under
+  `mlflow models serve` any client could otherwise make the server read (and probe) its own files.
 - `prompt`: the text prompt, e.g. `segment crack`.
-Params: `threshold` (probability above which a pixel is in the mask, default 0.5).
+Params: `threshold` (a pixel whose probability is >= it is in the mask, default 0.5).
 Output: a list with one mask per row, a `uint8` array `[H, W]` with values {0, 255} at the image's
 original size (the same contract as the pipeline's mask PNGs).
 
@@ -34,15 +35,27 @@ CHECKPOINT_ARTIFACT = "checkpoint"
 INPUT_COLUMNS = ("image", "prompt")
 
 
+LOCAL_PATHS_ENV = "DRYWALL_QA_PYFUNC_LOCAL_PATHS"
+
+
 class ImageInputError(ValueError):
-    """An `image` value is neither an existing file nor base64 image bytes."""
+    """An `image` value is not base64 image bytes (nor, with the opt-in, an existing file)."""
 
 
-def decode_image(value: str) -> Image.Image:
-    """An `image` cell as an RGB PIL image (see the module docstring for the accepted forms)."""
+def local_paths_allowed() -> bool:
+    return os.environ.get(LOCAL_PATHS_ENV, "").strip().lower() in {"1", "true", "yes"}
+
+
+def decode_image(value: str, allow_paths: bool | None = None) -> Image.Image:
+    """An `image` cell as an RGB PIL image (see the module docstring for the accepted forms).
+
+    `allow_paths`: read a string naming an existing file as a path; None follows the environment
+    opt-in. Without it, the error never says whether a file exists (no probing of the server).
+    """
     if not isinstance(value, str) or not value:
-        raise ImageInputError(f"image must be a non-empty string (path or base64), got {type(value).__name__}")
-    if len(value) < 4096 and os.path.isfile(value):
+        raise ImageInputError(f"image must be a non-empty string (base64), got {type(value).__name__}")
+    allow_paths = local_paths_allowed() if allow_paths is None else allow_paths
+    if allow_paths and len(value) < 4096 and os.path.isfile(value):
         with Image.open(value) as handle:
             return handle.convert("RGB")
     payload = value.split(",", 1)[1] if value.startswith("data:") else value
@@ -52,7 +65,11 @@ def decode_image(value: str) -> Image.Image:
             return handle.convert("RGB")
     except (binascii.Error, ValueError, OSError):
         shown = value if len(value) <= 80 else value[:77] + "..."
-        raise ImageInputError(f"image {shown!r} is neither an existing file nor base64-encoded image bytes") from None
+        if allow_paths:
+            raise ImageInputError(f"image {shown!r} is neither an existing file nor base64-encoded image bytes") from None
+        raise ImageInputError(
+            f"image {shown!r} is not base64-encoded image bytes (file paths are read only with {LOCAL_PATHS_ENV}=1)"
+        ) from None
 
 
 class ClipSegPyfunc(mlflow.pyfunc.PythonModel):
@@ -67,6 +84,7 @@ class ClipSegPyfunc(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[np.ndarray]:
         from drywall_qa.inference import predict_probs
+        from drywall_qa.metrics import binarize
 
         missing = [column for column in INPUT_COLUMNS if column not in model_input.columns]
         if missing:
@@ -82,7 +100,7 @@ class ClipSegPyfunc(mlflow.pyfunc.PythonModel):
             (probs,) = predict_probs(self.model, self.processor, [image], prompts, device=self.device)
             for row in rows:
                 prompt_index = prompts.index(str(model_input["prompt"].iloc[row]))
-                masks[row] = np.where(probs[prompt_index] > threshold, 255, 0).astype(np.uint8)
+                masks[row] = binarize(probs[prompt_index], threshold).astype(np.uint8) * 255
         return masks
 
 

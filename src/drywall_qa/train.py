@@ -208,8 +208,8 @@ def segmentation_loss(
 
 
 def pair_scores(logits: torch.Tensor, masks: torch.Tensor, threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-pair IoU and Dice of `sigmoid(logits) > threshold` against binary masks; empty vs empty = 1."""
-    predicted = (torch.sigmoid(logits.float()) > threshold).flatten(1)
+    """Per-pair IoU and Dice of `sigmoid(logits) >= threshold` against binary masks; empty vs empty = 1."""
+    predicted = (torch.sigmoid(logits.float()) >= threshold).flatten(1)  # metrics.binarize's rule
     truth = masks.flatten(1) > 0.5
     intersection = (predicted & truth).sum(1).float()
     union = (predicted | truth).sum(1).float()
