@@ -469,3 +469,42 @@ def test_limit_on_a_yolo_export_keeps_images_with_their_labels(tmp_path):
     assert len(images) == 1 and record["images"] == 1 and "data.yaml" in files
     assert images[0].startswith("valid/")  # the 2 train images are one group and do not fit in 1
     assert labels == []
+
+
+@pytest.mark.parametrize("link", ["file", "folder", "image", "broken"])
+def test_symlinks_in_a_local_export_are_refused_and_data_raw_is_kept(tmp_path, synthetic_exports, link):
+    export = tmp_path / "export"
+    shutil.copytree(synthetic_exports / "cracks", export)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "hostname").write_text("secret host\n")
+    Image.new("RGB", (8, 8)).save(outside / "photo.jpg")
+    target, name = {
+        "file": (outside / "hostname", "train/notes.txt"),
+        "folder": (outside, "train/extra"),
+        "image": (outside / "photo.jpg", "train/linked.jpg"),
+        "broken": (outside / "gone", "train/dangling.jpg"),
+    }[link]
+    (export / name).symlink_to(target)
+    raw_dir = tmp_path / "work" / "data" / "raw"
+    raw_dir.mkdir(parents=True)
+    (raw_dir / "previous.txt").write_text("the last good import")
+    with pytest.raises(UnsafeArchiveError, match=f"{name}.* is a symbolic link"):
+        fetch_raw_data(local_params({"cracks": str(export), "taping": str(synthetic_exports / "taping")}),
+                       seed=1, raw_dir=raw_dir, repo_root=tmp_path)
+    assert [p.name for p in raw_dir.iterdir()] == ["previous.txt"]  # unchanged on refusal
+    assert "secret host" not in "".join(p.read_text(errors="ignore") for p in raw_dir.rglob("*") if p.is_file())
+
+
+def test_a_symlink_member_of_a_zip_is_refused(tmp_path, synthetic_exports):
+    zip_path = tmp_path / "links.zip"
+    with zipfile.ZipFile(zip_path, "w") as archive:
+        for relative, data in tree_bytes(synthetic_exports / "taping").items():
+            archive.writestr(relative, data)
+        member = zipfile.ZipInfo("train/notes.txt")
+        member.external_attr = (0o120777 << 16)  # S_IFLNK: how zip stores a symbolic link
+        archive.writestr(member, "/etc/hostname")
+    raw_dir = tmp_path / "work" / "data" / "raw"
+    with pytest.raises(UnsafeArchiveError, match="'train/notes.txt', a symbolic link"):
+        fetch_raw_data(local_params({"taping": str(zip_path)}), seed=1, raw_dir=raw_dir, repo_root=tmp_path)
+    assert not raw_dir.exists()

@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 import uuid
 import warnings
@@ -337,6 +338,7 @@ def import_local_export(source: Path, dest: Path, max_image_pixels: int, limit: 
             extract_zip_safely(source, unpacked, max_image_pixels)
             root = find_export_root(unpacked)
         else:
+            refuse_links(source)
             root = find_export_root(source)
             check_image_pixels(root, max_image_pixels)
         export_format = detect_export_format(root)
@@ -363,6 +365,11 @@ def extract_zip_safely(zip_path: Path, dest: Path, max_image_pixels: int) -> Non
             members = archive.infolist()
             for member in members:
                 _check_member_path(member.filename, dest, zip_path)
+                if stat.S_ISLNK(member.external_attr >> 16):
+                    raise UnsafeArchiveError(
+                        f"{zip_path.name} holds {member.filename!r}, a symbolic link; an import takes regular "
+                        "files only (a link could pull in files from outside the export)"
+                    )
             for member in members:
                 if not member.is_dir() and PurePosixPath(member.filename).suffix.lower() in IMAGE_SUFFIXES:
                     with archive.open(member) as stream:
@@ -371,6 +378,22 @@ def extract_zip_safely(zip_path: Path, dest: Path, max_image_pixels: int) -> Non
             archive.extractall(dest)
     except zipfile.BadZipFile as error:
         raise ExportFormatError(f"{zip_path} is not a readable zip file ({error})") from None
+
+
+def refuse_links(source: Path) -> None:
+    """Refuse an export folder holding any symbolic link, to a file or a folder, broken or not.
+
+    The folder the user named may itself be a link (their choice); nothing under it may be: a link
+    would put files from outside the export (`/etc/...`) into data/raw, the DVC cache and remotes.
+    """
+    for folder, dirs, files in os.walk(source):  # followlinks=False: a linked folder is listed, not entered
+        for name in sorted(dirs + files):
+            path = Path(folder) / name
+            if path.is_symlink():
+                raise UnsafeArchiveError(
+                    f"{path} is a symbolic link (to {os.readlink(path)}); an import copies only regular files "
+                    "inside the export folder: replace the link by the file itself"
+                )
 
 
 def _check_member_path(name: str, dest: Path, zip_path: Path) -> None:
