@@ -8,7 +8,7 @@ import sys
 import mlflow
 
 from drywall_qa.convert import ConversionError, convert_all
-from drywall_qa.params import flatten, load_params
+from drywall_qa.params import flatten, load_stage_params
 from drywall_qa.tracking import TrackingUnavailableError, stage_run
 
 
@@ -19,7 +19,7 @@ def numeric_metrics(report: dict) -> dict[str, float]:
 
 
 def main() -> int:
-    params = load_params()
+    params = load_stage_params("convert")
     prompts = params["prompts"]
     try:
         with stage_run("convert", params={"prompts": prompts}, all_params=params):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import mlflow
 
-from drywall_qa.params import flatten, load_params
+from drywall_qa.params import flatten, load_stage_params
 from drywall_qa.sources import DownloadError, fetch_raw_data, roboflow_api_key
 from drywall_qa.synthetic import preview_grid
 from drywall_qa.tracking import TrackingUnavailableError, stage_run
@@ -29,7 +29,7 @@ def count_metrics(record: dict) -> dict[str, float]:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="download: %(message)s")
-    params = load_params()
+    params = load_stage_params("download")
     data = params["data"]
     try:
         # Read before any work: a missing key fails at once, with one line.

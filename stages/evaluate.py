@@ -9,10 +9,10 @@ from __future__ import annotations
 import sys
 
 from drywall_qa.numerics import NumericsError, configure_cpu_numerics
-from drywall_qa.params import load_params
+from drywall_qa.params import load_stage_params
 
 try:  # before anything below imports torch
-    configure_cpu_numerics(load_params()["cpu_numerics"])
+    configure_cpu_numerics(load_stage_params("evaluate")["cpu_numerics"])
 except NumericsError as error:
     sys.exit(f"evaluate: {error}")
 
@@ -26,7 +26,7 @@ PLOTS = ("plots/eval_per_image.csv", "plots/eval_per_prompt.csv", "plots/thresho
 
 
 def main() -> int:
-    params = load_params()
+    params = load_stage_params("evaluate")
     evaluate = params["evaluate"]
     stage_params = {key: params[key] for key in ("seed", "cpu_numerics", "model", "evaluate", "prompts")}
     try:

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import mlflow
 
-from drywall_qa.params import load_params
+from drywall_qa.params import load_stage_params
 from drywall_qa.report import ReportError, build_report, load_inputs, write_report
 from drywall_qa.tracking import TrackingUnavailableError, dvc_lock_digest, git_commit, pipeline_stage_seconds, stage_run
 
 
 def main() -> int:
-    params = load_params()
+    params = load_stage_params("report")
     try:
         inputs = load_inputs(
             source_json="data/raw/source.json",

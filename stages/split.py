@@ -7,7 +7,7 @@ import sys
 
 import mlflow
 
-from drywall_qa.params import flatten, load_params
+from drywall_qa.params import flatten, load_stage_params
 from drywall_qa.split import SPLITS, SplitError, write_split
 from drywall_qa.tracking import TrackingUnavailableError, log_dataset, stage_run
 
@@ -15,7 +15,7 @@ MANIFEST = "data/manifest.csv"
 
 
 def main() -> int:
-    params = load_params()
+    params = load_stage_params("split")
     split_params = params["split"]
     stage_params = {"seed": params["seed"], "split": split_params, "prompts": params["prompts"]}
     try:

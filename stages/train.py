@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 from drywall_qa.numerics import NumericsError, configure_cpu_numerics
-from drywall_qa.params import load_params
+from drywall_qa.params import load_stage_params
 
 try:  # before anything below imports torch
-    configure_cpu_numerics(load_params()["cpu_numerics"])
+    configure_cpu_numerics(load_stage_params("train")["cpu_numerics"])
 except NumericsError as error:
     sys.exit(f"train: {error}")
 
@@ -58,7 +58,7 @@ def history_figure(history: list[dict]) -> plt.Figure:
 
 def main() -> int:
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar per checkpoint in the stage log
-    params = load_params()
+    params = load_stage_params("train")
     stage_params = {key: params[key] for key in ("seed", "lr", "cpu_numerics", "model", "train", "inference", "prompts")}
     repo_root = Path(os.environ.get("DVC_ROOT") or ".")
 

@@ -7,13 +7,13 @@ import sys
 
 import mlflow
 
-from drywall_qa.params import load_params
+from drywall_qa.params import load_stage_params
 from drywall_qa.tracking import TrackingUnavailableError, stage_run
 from drywall_qa.visualize import VisualizationError, make_figures
 
 
 def main() -> int:
-    params = load_params()
+    params = load_stage_params("visualize")
     visualize = params["visualize"]
     try:
         with stage_run("visualize", params={"visualize": visualize}, all_params=params):

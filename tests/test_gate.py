@@ -5,6 +5,8 @@ import shutil
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -63,8 +65,9 @@ def test_gate_on_a_real_dvc_repo(tmp_path, monkeypatch, capsys):
     (repo / "dvc.yaml").write_text(yaml.safe_dump(
         {"stages": {"evaluate": {"cmd": "true", "metrics": [{"metrics/eval.json": {"cache": False}}]}}}
     ))
-    (repo / "params.yaml").write_text(yaml.safe_dump({"gate": {"metrics_file": "metrics/eval.json",
-                                                               "keys": PATTERNS, "tolerance": 0.02}}))
+    project = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    project["gate"] = {"metrics_file": "metrics/eval.json", "keys": PATTERNS, "tolerance": 0.02}
+    (repo / "params.yaml").write_text(yaml.safe_dump(project))
     (repo / "metrics").mkdir()
     (repo / "metrics" / "eval.json").write_text(json.dumps(BASELINE))
     _git(repo, "add", "-A")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from drywall_qa.params import load_params
+from drywall_qa.params import ParamsError, load_params
 
 
 class GateError(RuntimeError):
@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             diff = run_metrics_diff(metrics_file, args.baseline)
         baseline, current = split_metrics_diff(diff, metrics_file)
         checks = compare(baseline, current, config["keys"], float(config.get("tolerance", 0.0)))
-    except (GateError, OSError, json.JSONDecodeError) as error:
+    except (GateError, ParamsError, OSError, json.JSONDecodeError) as error:
         print(f"regression gate: cannot run: {error}", file=sys.stderr)
         return 2
     code, message = gate(checks)
