@@ -31,3 +31,51 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["history.csv"]
     write_text_atomic(target, "replaced\n")
     assert target.read_text(encoding="utf-8") == "replaced\n"
+
+
+def _replace_many(target: str, writer: int, rounds: int, errors) -> None:
+    from pathlib import Path
+
+    from drywall_qa.atomic import replace_dir
+
+    for round_ in range(rounds):
+        staging = Path(target).parent / f".staging-{writer}-{round_}"
+        staging.mkdir()
+        for index in range(3):
+            (staging / f"file{index}.txt").write_text(f"{writer}:{round_}")
+        try:
+            replace_dir(staging, Path(target))
+        except Exception as error:  # noqa: BLE001 - the test reports any failure of a writer
+            errors.put(f"{type(error).__name__}: {error}")
+
+
+def test_two_processes_replacing_one_folder_take_turns(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    errors = context.Queue()
+    target = tmp_path / "masks"
+    writers = [context.Process(target=_replace_many, args=(str(target), n, 150, errors)) for n in range(2)]
+    for process in writers:
+        process.start()
+    for process in writers:
+        process.join(120)
+    found = []
+    while not errors.empty():
+        found.append(errors.get())
+    assert found == [] and all(process.exitcode == 0 for process in writers)
+    contents = {path.read_text() for path in target.iterdir()}
+    assert len(contents) == 1 and sorted(p.name for p in target.iterdir()) == ["file0.txt", "file1.txt", "file2.txt"]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".staging", ".masks.old"))]
+
+
+def test_a_held_lock_gives_a_clear_message(tmp_path):
+    from filelock import FileLock
+
+    from drywall_qa.atomic import DirectoryBusyError, replace_dir, replace_lock_path
+
+    target, staging = tmp_path / "predictions", tmp_path / "staging"
+    staging.mkdir()
+    with FileLock(replace_lock_path(target)), pytest.raises(DirectoryBusyError, match="another run holds the lock"):
+        replace_dir(staging, target, timeout=0.2)
+    assert staging.is_dir() and not target.exists()

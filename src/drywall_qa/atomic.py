@@ -12,6 +12,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
+REPLACE_LOCK_SECONDS = 120.0
+
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write to a temp file in the target's folder, then rename it over the target."""
@@ -47,11 +51,31 @@ def write_csv_atomic(path: str | Path, columns: list[str], rows: Iterable[dict])
     write_text_atomic(path, buffer.getvalue())
 
 
-def replace_dir(staging: Path, target: Path) -> None:
-    """Swap a finished folder into place: two renames, the old copy removed last."""
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
+class DirectoryBusyError(RuntimeError):
+    """Another process is replacing the same folder and did not finish in time."""
+
+
+def replace_lock_path(target: Path) -> Path:
+    return target.parent / f".{target.name}.replace-lock"
+
+
+def replace_dir(staging: Path, target: Path, timeout: float = REPLACE_LOCK_SECONDS) -> None:
+    """Swap a finished folder into place: two renames, the old copy removed last.
+
+    The two renames are not one atomic step, so two writers of the same target would trip over each
+    other (one renames away the folder the other just put in place). A file lock beside the target
+    makes them take turns; the last one wins, and readers only ever see a complete folder or none.
+    """
+    try:
+        with FileLock(replace_lock_path(target), timeout=timeout):
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            shutil.rmtree(old, ignore_errors=True)
+            if target.exists():
+                os.replace(target, old)
+            os.replace(staging, target)
+            shutil.rmtree(old, ignore_errors=True)
+    except Timeout:
+        raise DirectoryBusyError(
+            f"another run holds the lock on {target} ({replace_lock_path(target)}) and has not released it "
+            f"within {timeout:g} s; wait for it to finish"
+        ) from None
