@@ -30,7 +30,7 @@ from drywall_qa.data import ManifestError  # noqa: E402
 from drywall_qa.mlflow_model import log_pyfunc_model  # noqa: E402
 from drywall_qa.model import ModelConfigError  # noqa: E402
 from drywall_qa.tracking import TrackingUnavailableError, log_dataset, stage_run  # noqa: E402
-from drywall_qa.train import TrainConfig, TrainConfigError, read_history, train  # noqa: E402
+from drywall_qa.train import TrainConfig, TrainConfigError, read_history, resumable_run_id, train  # noqa: E402
 
 MANIFEST = "data/manifest.csv"
 OUTPUT_DIR = "models/clipseg"
@@ -67,8 +67,11 @@ def main() -> int:
 
     try:
         config = TrainConfig.from_params(params)
-        with stage_run("train", params=stage_params, all_params=params):
-            log_dataset(MANIFEST, name="manifest", context="train")
+        # A run killed mid-training resumes from last/ and continues its own MLflow run.
+        resume_id = resumable_run_id(config, MANIFEST, OUTPUT_DIR)
+        with stage_run("train", params=stage_params, all_params=params, resume_run_id=resume_id) as run:
+            if resume_id is None:
+                log_dataset(MANIFEST, name="manifest", context="train")
             summary = train(
                 config,
                 manifest_path=MANIFEST,
@@ -78,6 +81,7 @@ def main() -> int:
                 root=".",
                 cache_dir=repo_root / ACTIVATION_CACHE if config.uses_cache else None,
                 on_epoch=log_epoch,
+                tracking_run_id=run.info.run_id,
             )
             mlflow.log_metrics({
                 key: float(value) for key, value in summary.items()

@@ -76,3 +76,61 @@ def test_dataset_digest_prefers_dvc_lock(store, tmp_path):
     )
     assert tracking.dvc_lock_digest("data/manifest.csv", tmp_path) == "abc123"
     assert tracking.dvc_lock_digest("data/other.csv", tmp_path) is None
+
+
+@pytest.mark.parametrize(("raise_in_stage", "status"), [
+    (lambda: (_ for _ in ()).throw(RuntimeError("boom")), "FAILED"),
+    (lambda: (_ for _ in ()).throw(KeyboardInterrupt()), "KILLED"),
+    (lambda: __import__("os").kill(__import__("os").getpid(), __import__("signal").SIGTERM), "KILLED"),
+])
+def test_a_stage_that_dies_ends_its_run_failed_or_killed(store, raise_in_stage, status):
+    with pytest.raises((RuntimeError, KeyboardInterrupt)):
+        with tracking.stage_run("train", params={"lr": 1}, all_params={"lr": 1}):
+            raise_in_stage()
+    (child,) = [r for r in _runs(store) if r.info.run_name == "train"]
+    assert child.info.status == status and "stage_seconds" not in child.data.metrics
+
+
+def _kill_inside_a_stage(root: str) -> None:
+    import os
+    import signal
+
+    os.environ["DVC_ROOT"] = root
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    with tracking.stage_run("train", params={"lr": 1}, all_params={"lr": 1}):
+        mlflow.log_metric("val_miou", 0.1, step=1)
+        os.kill(os.getpid(), signal.SIGKILL)  # no handler runs: the run stays RUNNING
+
+
+def test_a_run_left_running_by_a_killed_process_is_closed_and_resumed_as_one_history(store):
+    import multiprocessing
+
+    process = multiprocessing.get_context("spawn").Process(target=_kill_inside_a_stage, args=(str(store),))
+    process.start()
+    process.join(120)
+    assert process.exitcode == -9
+    (killed,) = [r for r in _runs(store) if r.info.run_name == "train"]
+    assert killed.info.status == "RUNNING"  # what the dead process left
+    with tracking.stage_run("train", params={"lr": 1}, all_params={"lr": 1}, resume_run_id=killed.info.run_id):
+        mlflow.log_metric("val_miou", 0.2, step=2)
+    runs = [r for r in _runs(store) if r.info.run_name == "train"]
+    assert [r.info.run_id for r in runs] == [killed.info.run_id] and runs[0].info.status == "FINISHED"
+    history = mlflow.MlflowClient().get_metric_history(killed.info.run_id, "val_miou")
+    assert [(m.step, m.value) for m in history] == [(1, 0.1), (2, 0.2)]
+    assert runs[0].data.tags["drywall_qa.resumed"] == "true"
+
+
+def test_a_dead_processes_running_run_is_closed_at_the_next_start(store):
+    import subprocess
+    import sys
+
+    with tracking.stage_run("download", params={}, all_params={"lr": 1}):
+        pass
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("drywall-qa")
+    orphan = client.create_run(experiment.experiment_id, run_name="train", tags={
+        tracking.HOST_TAG: socket.gethostname(), tracking.PID_TAG: dead.stdout.strip()})
+    with tracking.stage_run("convert", params={}, all_params={"lr": 1}):
+        pass
+    assert client.get_run(orphan.info.run_id).info.status == "KILLED"

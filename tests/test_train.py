@@ -31,6 +31,7 @@ from drywall_qa.train import (
     pair_scores,
     read_state,
     recover_checkpoints,
+    resumable_run_id,
     save_checkpoint,
     segmentation_loss,
     train,
@@ -252,9 +253,12 @@ def test_a_killed_run_resumes_from_last_and_ends_like_an_uninterrupted_one(tmp_p
             raise Killed
 
     with pytest.raises(Killed):
-        run_training(tmp_path, config, out="b", on_epoch=kill_after_epoch_2)
+        run_training(tmp_path, config, out="b", on_epoch=kill_after_epoch_2, tracking_run_id="run-of-b")
     last = tmp_path / "b" / "models" / "last"
     assert read_state(last)["epoch"] == 2 and read_state(last)["complete"] is False
+    # the stage continues the killed run's MLflow run; other params would start fresh (no run to continue)
+    assert resumable_run_id(config, tmp_path / "manifest.csv", tmp_path / "b" / "models") == "run-of-b"
+    assert resumable_run_id(replace(config, lr=1e-3), tmp_path / "manifest.csv", tmp_path / "b" / "models") is None
 
     messages: list[str] = []
     resumed = run_training(tmp_path, config, out="b", log=messages.append)

@@ -19,7 +19,10 @@ import hashlib
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -38,8 +41,48 @@ PARENT_TAG = "drywall_qa.role"
 DEFAULT_EXPERIMENT = "drywall-qa"
 
 
+HOST_TAG = "drywall_qa.host"
+PID_TAG = "drywall_qa.pid"
+
+
 class TrackingUnavailableError(RuntimeError):
     """The MLflow tracking store cannot be reached; raised before any work starts."""
+
+
+class StageTerminated(KeyboardInterrupt):
+    """SIGTERM reached a stage: it ends its MLflow run as KILLED, like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):  # noqa: ARG001 - the signal handler signature
+        raise StageTerminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def close_dead_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING stage runs of this host whose process is gone (a SIGKILL, a power cut)."""
+    host = socket.gethostname()
+    stale = client.search_runs(
+        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
+        max_results=1000,
+    )
+    closed = []
+    for run in stale:
+        pid = run.data.tags.get(PID_TAG, "")
+        if pid.isdigit() and int(pid) != os.getpid() and not psutil.pid_exists(int(pid)):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+    return closed
 
 
 def repo_root() -> Path:
@@ -161,11 +204,15 @@ def stage_run(
     all_params: dict[str, Any] | None = None,
     experiment: str = DEFAULT_EXPERIMENT,
     tags: dict[str, str] | None = None,
+    resume_run_id: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
     """Open the child run of `stage` under this pipeline execution's parent run.
 
     `params` are the keys this stage depends on (logged on the child); `all_params` (the whole
-    params.yaml) are logged once on the parent and define the grouping hash.
+    params.yaml) are logged once on the parent and define the grouping hash. `resume_run_id`: reopen
+    that run (a training resumed after a kill continues its own run: one per-epoch history).
+    The run ends FINISHED, FAILED on an exception, KILLED on Ctrl-C or SIGTERM; RUNNING runs that
+    a dead process of this host left behind are closed as KILLED first.
     """
     experiment_id = configure(experiment)
     root = repo_root()
@@ -180,17 +227,41 @@ def stage_run(
         **(tags or {}),
     }
     client = MlflowClient()
+    close_dead_runs(client, experiment_id)
     parent_id = _parent_run_id(client, experiment_id, key, common_tags)
     if all_params is not None and not client.get_run(parent_id).data.params:
         with mlflow.start_run(run_id=parent_id):
             _log_params(all_params)
-    stage_tags = {**common_tags, "DVC_STAGE": os.environ.get("DVC_STAGE", stage), "stage": stage}
-    with mlflow.start_run(run_name=stage, parent_run_id=parent_id, tags=stage_tags) as run:
+    stage_tags = {**common_tags, "DVC_STAGE": os.environ.get("DVC_STAGE", stage), "stage": stage,
+                  HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    resumed = bool(resume_run_id) and _run_exists(client, resume_run_id)
+    if resumed:
+        run = mlflow.start_run(run_id=resume_run_id)
+        mlflow.set_tags({**stage_tags, "drywall_qa.resumed": "true"})
+    else:
+        run = mlflow.start_run(run_name=stage, parent_run_id=parent_id, tags=stage_tags)
         _log_params(params)
-        started = time.perf_counter()
-        yield run
-        mlflow.log_metric("stage_seconds", time.perf_counter() - started)
+    started = time.perf_counter()
+    try:
+        with _sigterm_as_interrupt():
+            yield run
+            mlflow.log_metric("stage_seconds", time.perf_counter() - started)
+    except KeyboardInterrupt:
+        mlflow.end_run(status="KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run(status="FINISHED")
     client.set_terminated(parent_id, status="FINISHED")
+
+
+def _run_exists(client: MlflowClient, run_id: str) -> bool:
+    try:
+        client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return False
+    return True
 
 
 def pipeline_stage_seconds(parent_run_id: str) -> dict[str, float]:

@@ -343,6 +343,7 @@ def train(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    tracking_run_id: str | None = None,
 ) -> dict[str, Any]:
     """Train on the manifest's train split, validate on val each epoch, return the summary also
     written to `metrics_path`.
@@ -350,6 +351,8 @@ def train(
     `cache_dir`: where the activation cache keeps its files (frozen backbone and
     `cache_activations` only); None keeps it in memory. `on_epoch` gets each history row (the
     stage logs it to MLflow). Resumes from `output_dir/last/` when its fingerprint matches.
+    `tracking_run_id` (the stage's MLflow run) is saved in the checkpoints, so a resumed run can
+    continue the same MLflow run (`resumable_run_id`).
     """
     started = time.perf_counter()
     output_dir, metrics_path, history_path = Path(output_dir), Path(metrics_path), Path(history_path)
@@ -463,6 +466,7 @@ def train(
             "best_epoch": run.best_epoch,
             "best_val_miou": run.best_val_miou,
             "run": asdict(run),
+            "mlflow_run_id": tracking_run_id,
         }
         if improved:
             save_checkpoint(output_dir, "best", model, processor, state)
@@ -514,6 +518,14 @@ def _loader_options(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":  # workers decode images while the GPU computes; pinned memory for async copies
         return {"num_workers": min(4, os.cpu_count() or 1), "pin_memory": True, "persistent_workers": False}
     return {"num_workers": 0}  # CPU: the model needs every core
+
+
+def resumable_run_id(config: TrainConfig, manifest_path: str | Path, output_dir: str | Path) -> str | None:
+    """The MLflow run of the unfinished training that `train` would resume, if it recorded one."""
+    if not Path(manifest_path).is_file():
+        return None
+    state = _resumable(Path(output_dir) / "last", config_fingerprint(config, manifest_path), lambda _: None)
+    return state.get("mlflow_run_id") if state else None
 
 
 def _resumable(last: Path, fingerprint: str, log: Callable[[str], None]) -> dict[str, Any] | None:
