@@ -10,9 +10,9 @@ from pathlib import Path
 
 import mlflow
 
+from drywall_qa.convert import preview_grid, read_export
 from drywall_qa.params import flatten, load_stage_params
 from drywall_qa.sources import DownloadError, fetch_raw_data, roboflow_api_key
-from drywall_qa.synthetic import preview_grid
 from drywall_qa.tracking import TrackingUnavailableError, stage_run
 
 RAW_DIR = Path("data/raw")
@@ -38,12 +38,20 @@ def main() -> None:
             # Relative local paths are the user's repo's: DVC_ROOT, also under `dvc exp run --temp`,
             # whose working copy lives in .dvc/tmp/exps/ where `../shared/...` would point elsewhere.
             repo_root = Path(os.environ.get("DVC_ROOT") or Path.cwd())
-            record = fetch_raw_data(data, seed=params["seed"], raw_dir=RAW_DIR, repo_root=repo_root, api_key=api_key)
+            previews = {}
+
+            def validate(dataset_dir: Path, name: str) -> None:
+                # convert's own reader, before data/raw is replaced: a malformed export stops here
+                # and the last good data/raw stays; the preview shows what conversion accepts.
+                previews[name] = preview_grid(read_export(dataset_dir))
+
+            record = fetch_raw_data(data, seed=params["seed"], raw_dir=RAW_DIR, repo_root=repo_root,
+                                    api_key=api_key, validate=validate)
             mlflow.log_metrics(count_metrics(record))
             mlflow.log_dict(record, "source.json")
-            for name, dataset in record["datasets"].items():
-                if dataset["format"] == "coco":  # a look at the first images and their labels
-                    mlflow.log_image(preview_grid(RAW_DIR / name), f"previews/{name}.png")
+            for name, grid in previews.items():
+                if grid is not None:  # a look at the first readable images and what becomes their masks
+                    mlflow.log_image(grid, f"previews/{name}.png")
     except (DownloadError, TrackingUnavailableError) as error:
         raise SystemExit(f"download: {error}") from None
     for name, dataset in record["datasets"].items():

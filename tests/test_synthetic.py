@@ -20,7 +20,6 @@ from drywall_qa.synthetic import (
     InvalidGeneratorParams,
     generate_export,
     generate_exports,
-    preview_grid,
 )
 
 ROBOFLOW_FILE_NAME = re.compile(r"^(?P<stem>.+)_jpg\.rf\.[0-9a-f]{32}\.jpg$")
@@ -189,8 +188,3 @@ def test_invalid_parameters_are_rejected_before_writing(tmp_path):
     with pytest.raises(InvalidGeneratorParams, match="augmented_fraction"):
         generate_export(DATASET_SPECS["cracks"], tmp_path / "x", 1, 5, 1, 1.5, 0.1, 64)
     assert not (tmp_path / "x").exists()
-
-
-def test_preview_grid_tiles_images(synthetic_exports):
-    grid = preview_grid(synthetic_exports / "cracks", count=6, columns=3, tile=32)
-    assert grid.shape == (64, 96, 3) and grid.dtype == np.uint8

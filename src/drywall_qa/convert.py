@@ -671,3 +671,45 @@ def _totals(per_dataset: dict[str, dict]) -> dict:
     return totals
 
 
+
+
+# ---------------------------------------------------------------- preview
+
+
+def preview_grid(export: Export, count: int = 16, columns: int = 4, tile: int = 192) -> np.ndarray | None:
+    """RGB uint8 grid of the first `count` readable images of an export with the shapes conversion
+    accepts drawn on them (outlines of what becomes the mask: polygons and RLE green, boxes red).
+
+    It reads through the same parsing and placement as conversion (`read_export`, `shape_to_rle`),
+    so it shows what the masks will hold and cannot fail on input that conversion counts as a skip.
+    None when no image is readable.
+    """
+    import cv2
+
+    tiles = []
+    for image in export.images:
+        if len(tiles) == count:
+            break
+        size, skip = read_image_size(image.path)
+        if skip is not None:
+            continue
+        with Image.open(image.path) as opened:
+            canvas = np.array(opened.convert("RGB"))
+        width, height = size
+        for shape in image.shapes:
+            rle, _, _ = shape_to_rle(shape, width, height)
+            if rle is None:
+                continue
+            mask = np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
+            contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            colour = (230, 0, 0) if shape.kind == "box" else (0, 220, 0)
+            cv2.drawContours(canvas, contours, -1, colour, 2 if shape.kind == "box" else 1)
+        canvas = cv2.resize(canvas, (tile, tile), interpolation=cv2.INTER_AREA)
+        label = f"{image.source_split}/{image.image_id[:18]}"
+        cv2.putText(canvas, label, (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 255), 1, cv2.LINE_AA)
+        tiles.append(canvas)
+    if not tiles:
+        return None
+    while len(tiles) % columns:
+        tiles.append(np.zeros_like(tiles[0]))
+    return np.vstack([np.hstack(tiles[i : i + columns]) for i in range(0, len(tiles), columns)])

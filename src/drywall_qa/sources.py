@@ -92,10 +92,14 @@ def fetch_raw_data(
     raw_dir: str | Path,
     repo_root: str | Path,
     api_key: str | None = None,
+    validate: Callable[[Path, str], Any] | None = None,
 ) -> dict[str, Any]:
     """Fill `raw_dir` from `data_params["source"]`; returns the provenance written to `source.json`.
 
     `api_key` is only used by the `roboflow` source (the stage reads it from the environment).
+    `validate(dataset_dir, name)` runs on each new dataset folder before `raw_dir` is touched (the
+    stage passes convert's reader); an error it raises keeps `raw_dir` as it was, and a path of the
+    temporary folder in its message is replaced by the file the user knows (source path, zip member).
     """
     source = data_params.get("source")
     if source not in SOURCES:
@@ -110,7 +114,40 @@ def fetch_raw_data(
             return _fill_roboflow(staging, data_params["roboflow"], str(api_key), data_params["local"])
         return _fill_local(staging, data_params["local"], seed, Path(repo_root))
 
-    return write_raw_atomically(Path(raw_dir), fill)
+    def checked_fill(staging: Path) -> dict[str, Any]:
+        record = fill(staging)
+        if validate is not None:
+            for name in record["datasets"]:
+                try:
+                    validate(staging / name, name)
+                except Exception as error:
+                    message = name_user_files(str(error), staging / name, user_origin(data_params, name, Path(repo_root)))
+                    raise ExportFormatError(f"{name}: {message}") from None
+        return record
+
+    return write_raw_atomically(Path(raw_dir), checked_fill)
+
+
+def user_origin(data_params: Mapping[str, Any], name: str, repo_root: Path) -> str:
+    """What the user knows dataset `name` as: its folder, `<zip>:` for a zip, else data/raw/<name>."""
+    if data_params.get("source") != "local":
+        return f"data/raw/{name}"
+    configured = Path(data_params["local"]["datasets"][name])
+    source = configured if configured.is_absolute() else repo_root / configured
+    if source.is_file():
+        return f"{source}:"  # members follow: cracks.zip:train/_annotations.coco.json
+    try:
+        return str(find_export_root(source))
+    except ExportFormatError:
+        return str(source)
+
+
+def name_user_files(message: str, dataset_dir: Path, origin: str) -> str:
+    """`message` with paths under the temporary `dataset_dir` rewritten to `origin`."""
+    separator = "" if origin.endswith(":") else "/"
+    for form in {str(dataset_dir), str(dataset_dir.resolve())}:
+        message = message.replace(form + "/", origin + separator).replace(form, origin.rstrip(":/"))
+    return message
 
 
 def roboflow_api_key(env: Mapping[str, str]) -> str:

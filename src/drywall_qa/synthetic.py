@@ -41,7 +41,6 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from drywall_qa.naming import image_id_of
 
 ANNOTATIONS_FILE = "_annotations.coco.json"
 # Fixed so that output never depends on when it was generated (byte-identical exports).
@@ -608,39 +607,3 @@ def _number(value: float) -> float | int:
 
 
 # ---------------------------------------------------------------- preview
-
-
-def preview_grid(dataset_dir: str | Path, count: int = 16, columns: int = 4, tile: int = 192) -> np.ndarray:
-    """RGB uint8 grid of the first `count` images of a COCO export with their annotations drawn.
-
-    Polygons in green, boxes of annotations without a polygon in red, image name on top.
-    """
-    dataset_dir = Path(dataset_dir)
-    tiles = []
-    for annotations_file in sorted(dataset_dir.glob(f"*/{ANNOTATIONS_FILE}")):
-        document = json.loads(annotations_file.read_text(encoding="utf-8"))
-        by_image: dict[Any, list[dict]] = {}
-        for annotation in document["annotations"]:
-            by_image.setdefault(annotation["image_id"], []).append(annotation)
-        for image in document["images"]:
-            if len(tiles) == count:
-                break
-            with Image.open(annotations_file.parent / image["file_name"]) as opened:
-                canvas = np.array(opened.convert("RGB"))
-            for annotation in by_image.get(image["id"], []):
-                for part in annotation.get("segmentation") or []:
-                    points = np.rint(np.array(part, np.float64).reshape(-1, 2)).astype(np.int32)
-                    cv2.polylines(canvas, [points], True, (0, 220, 0), 1)
-                if not annotation.get("segmentation"):
-                    x, y, w, h = (int(round(v)) for v in annotation["bbox"])
-                    cv2.rectangle(canvas, (x, y), (x + w, y + h), (230, 0, 0), 2)
-            canvas = cv2.resize(canvas, (tile, tile), interpolation=cv2.INTER_AREA)
-            label = f"{annotations_file.parent.name}/{image_id_of(image['file_name'])[:18]}"
-            cv2.putText(canvas, label, (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 255), 1, AA)
-            tiles.append(canvas)
-    if not tiles:
-        raise ValueError(f"{dataset_dir} has no COCO images to preview")
-    while len(tiles) % columns:
-        tiles.append(np.zeros_like(tiles[0]))
-    rows = [np.hstack(tiles[i : i + columns]) for i in range(0, len(tiles), columns)]
-    return np.vstack(rows)
