@@ -51,3 +51,18 @@ def test_portable_numerics_after_torch_import_is_refused():
 def test_unknown_mode_is_refused():
     with pytest.raises(NumericsError, match="portable.*native"):
         configure_cpu_numerics("fast")
+
+
+def test_stages_make_idle_openmp_threads_sleep_unless_the_user_chose():
+    import subprocess
+    import sys
+
+    code = ("import os; from drywall_qa.numerics import configure_cpu_numerics; "
+            "configure_cpu_numerics('{mode}'); print(os.environ.get('OMP_WAIT_POLICY'))")
+    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    for mode in ("native", "portable"):
+        out = subprocess.run([sys.executable, "-c", code.format(mode=mode)], env=env, capture_output=True, text=True)
+        assert out.stdout.strip() == "PASSIVE", out.stderr
+    chosen = subprocess.run([sys.executable, "-c", code.format(mode="native")], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                            capture_output=True, text=True)
+    assert chosen.stdout.strip() == "ACTIVE"

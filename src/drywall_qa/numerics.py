@@ -31,9 +31,16 @@ class NumericsError(RuntimeError):
 
 
 def configure_cpu_numerics(mode: str) -> None:
-    """`portable`: the settings above (call before torch is imported); `native`: change nothing."""
+    """`portable`: the settings above (call before torch is imported); `native`: the CPU's own kernels.
+
+    Both make idle OpenMP threads sleep instead of spin (`OMP_WAIT_POLICY=PASSIVE`, unless set):
+    with another busy process on a 2-core machine, spinning threads steal the core the working thread
+    needs and an epoch took 7-30x longer (bench/bench_busy.py measures it). The wait policy changes no
+    result, only who gets the core.
+    """
     if mode not in CPU_NUMERICS:
         raise NumericsError(f"cpu_numerics must be one of {CPU_NUMERICS}, got {mode!r}")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if mode == "native":
         return
     if "torch" in sys.modules:

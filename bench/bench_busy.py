@@ -1,0 +1,117 @@
+"""The default training's epoch time alone and beside a busy single-threaded process, per OpenMP
+wait policy: what a shared 2-core machine (a CI runner, a laptop with a browser) does to `dvc repro`.
+
+    python bench/bench_busy.py              # params.yaml's default training, 3 epochs per run
+    python bench/bench_busy.py --epochs 2   # shorter
+
+Each run is a fresh Python process that trains params.yaml's default model (preset, image size,
+thread count, cpu_numerics) on the default synthetic data, built once as the pipeline builds it.
+`busy` starts a process that keeps one core busy with single-threaded NumPy matrix products for the
+whole run. OpenMP's ACTIVE policy spins idle threads waiting for work; PASSIVE (what the stages set,
+`drywall_qa.numerics`) lets them sleep. Results: a markdown table on stdout and `--out` JSON.
+Nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+BUSY_CODE = """
+import os
+os.environ["OMP_NUM_THREADS"] = os.environ["OPENBLAS_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+import numpy as np
+a = np.random.default_rng(0).random((400, 400))
+while True:
+    a = (a @ a) / 400.0
+"""
+
+TRAIN_CODE = """
+import json, sys, time
+from drywall_qa.numerics import configure_cpu_numerics
+from drywall_qa.params import load_params
+params = load_params(sys.argv[1])
+configure_cpu_numerics(params["cpu_numerics"])
+from drywall_qa.train import TrainConfig, train
+workdir = sys.argv[2]
+params["train"]["epochs"] = int(sys.argv[3])
+params["train"]["early_stopping_patience"] = 1000
+config = TrainConfig.from_params(params)
+seconds = []
+out = workdir + "/run-" + str(time.time_ns())
+train(config, workdir + "/data/manifest.csv", out + "/models", out + "/train.json", out + "/history.csv",
+      root=workdir, progress=False, log=lambda _: None, on_epoch=lambda row: seconds.append(row["seconds"]))
+print(json.dumps(seconds))
+"""
+
+
+def run(workdir: Path, epochs: int, wait_policy: str, busy: bool) -> list[float]:
+    env = {**os.environ, "OMP_WAIT_POLICY": wait_policy}
+    blocker = subprocess.Popen([sys.executable, "-c", BUSY_CODE]) if busy else None
+    try:
+        if blocker is not None:
+            time.sleep(1.0)  # let it reach its loop
+        result = subprocess.run([sys.executable, "-c", TRAIN_CODE, str(REPO / "params.yaml"), str(workdir), str(epochs)],
+                                env=env, capture_output=True, text=True, check=True)
+    finally:
+        if blocker is not None:
+            blocker.kill()
+            blocker.wait()
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "busy_results.json")
+    args = parser.parse_args()
+
+    from bench_train import BenchSettings, prepare_data
+
+    from drywall_qa.params import load_params
+
+    params = load_params(REPO / "params.yaml")
+    synthetic = params["data"]["synthetic"]
+    settings = BenchSettings(
+        mode="busy", preset=params["model"]["preset"], image_size=params["model"]["image_size"], epochs=args.epochs,
+        naive_epochs=0, source_images={"cracks": synthetic["source_images"], "taping": synthetic["source_images"]},
+        synthetic_image_size=synthetic["image_size"], inference_images=0, inference_repeats=0,
+        threads=params["train"]["num_threads"], device="cpu",
+    )
+    results = {"epochs": args.epochs, "threads": params["train"]["num_threads"], "cpus": os.cpu_count(), "runs": {}}
+    with tempfile.TemporaryDirectory(prefix="bench-busy-") as work:
+        workdir = Path(work)
+        prepare_data(workdir, settings, params["prompts"], params["seed"])
+        for policy in ("ACTIVE", "PASSIVE"):
+            for busy in (False, True):
+                seconds = run(workdir, args.epochs, policy, busy)
+                # epoch 1 also decodes the images into memory: the later epochs are the steady state
+                steady = seconds[1:] or seconds
+                results["runs"][f"{policy.lower()}_{'busy' if busy else 'alone'}"] = {
+                    "epoch_seconds": [round(s, 2) for s in seconds], "steady_epoch_seconds": round(sum(steady) / len(steady), 2),
+                }
+                print(f"{policy} {'busy' if busy else 'alone'}: {seconds}", file=sys.stderr, flush=True)
+    runs = results["runs"]
+    lines = ["| OpenMP wait policy | epoch alone (s) | epoch beside a busy process (s) | slow-down |", "|---|---|---|---|"]
+    for policy in ("active", "passive"):
+        alone, busy = runs[f"{policy}_alone"]["steady_epoch_seconds"], runs[f"{policy}_busy"]["steady_epoch_seconds"]
+        results[f"{policy}_slowdown"] = round(busy / alone, 2)
+        lines.append(f"| {policy.upper()} | {alone:.1f} | {busy:.1f} | {busy / alone:.2f}x |")
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print("\n".join(lines))
+    print(f"\n{results['threads']} torch threads on {results['cpus']} CPUs, {args.epochs} epochs per run "
+          f"(epoch 1 left out of the mean); written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
