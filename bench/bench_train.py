@@ -135,7 +135,7 @@ def train_config(settings: BenchSettings, params: dict[str, Any]) -> dict[str, A
         num_threads=settings.threads,
     )
     config.validate()
-    return asdict(config)
+    return json.loads(json.dumps(asdict(config)))  # the JSON form: compared with the saved inputs on --resume
 
 
 # ----------------------------------------------------------------------------------------------

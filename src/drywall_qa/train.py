@@ -104,6 +104,12 @@ class TrainConfig:
     crop_foreground_prob: float = 0.5
     inference: InferenceConfig = InferenceConfig()
 
+    def __post_init__(self) -> None:
+        # A config rebuilt from its JSON form (`asdict`, a checkpoint's state) gets its types back.
+        if isinstance(self.inference, dict):
+            object.__setattr__(self, "inference", InferenceConfig.from_params(self.inference))
+        object.__setattr__(self, "crop_scale_jitter", tuple(float(v) for v in self.crop_scale_jitter))
+
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> TrainConfig:
         model, train = params["model"], params["train"]
