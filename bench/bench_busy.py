@@ -46,33 +46,41 @@ workdir = sys.argv[2]
 params["train"]["epochs"] = int(sys.argv[3])
 params["train"]["early_stopping_patience"] = 1000
 config = TrainConfig.from_params(params)
-seconds = []
 out = workdir + "/run-" + str(time.time_ns())
 train(config, workdir + "/data/manifest.csv", out + "/models", out + "/train.json", out + "/history.csv",
-      root=workdir, progress=False, log=lambda _: None, on_epoch=lambda row: seconds.append(row["seconds"]))
-print(json.dumps(seconds))
+      root=workdir, progress=False, log=lambda _: None,
+      on_epoch=lambda row: print(json.dumps({"epoch_seconds": row["seconds"]}), flush=True))
 """
 
 
-def run(workdir: Path, epochs: int, wait_policy: str, busy: bool) -> list[float]:
+def run(workdir: Path, epochs: int, wait_policy: str, busy: bool, timeout: float) -> tuple[list[float], bool]:
+    """Epoch seconds of one training run, and whether it was stopped at `timeout` (then the epochs
+    it finished, or none)."""
     env = {**os.environ, "OMP_WAIT_POLICY": wait_policy}
     blocker = subprocess.Popen([sys.executable, "-c", BUSY_CODE]) if busy else None
     try:
         if blocker is not None:
             time.sleep(1.0)  # let it reach its loop
-        result = subprocess.run([sys.executable, "-c", TRAIN_CODE, str(REPO / "params.yaml"), str(workdir), str(epochs)],
-                                env=env, capture_output=True, text=True, check=True)
+        try:
+            result = subprocess.run(
+                [sys.executable, "-c", TRAIN_CODE, str(REPO / "params.yaml"), str(workdir), str(epochs)],
+                env=env, capture_output=True, text=True, check=True, timeout=timeout)
+            stdout, timed_out = result.stdout, False
+        except subprocess.TimeoutExpired as expired:
+            stdout, timed_out = (expired.stdout or b"").decode() if isinstance(expired.stdout, bytes) else (expired.stdout or ""), True
     finally:
         if blocker is not None:
             blocker.kill()
             blocker.wait()
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    seconds = [json.loads(line)["epoch_seconds"] for line in stdout.splitlines() if line.startswith("{")]
+    return seconds, timed_out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "busy_results.json")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds before a run is stopped")
     args = parser.parse_args()
 
     from bench_train import BenchSettings, prepare_data
@@ -93,19 +101,23 @@ def main() -> int:
         prepare_data(workdir, settings, params["prompts"], params["seed"])
         for policy in ("ACTIVE", "PASSIVE"):
             for busy in (False, True):
-                seconds = run(workdir, args.epochs, policy, busy)
-                # epoch 1 also decodes the images into memory: the later epochs are the steady state
-                steady = seconds[1:] or seconds
+                seconds, timed_out = run(workdir, args.epochs, policy, busy, args.timeout)
+                # epoch 1 also decodes the images into memory: the later epochs are the steady state;
+                # a run stopped before any epoch ended counts its whole time as one epoch (a lower bound)
+                steady = seconds[1:] or seconds or [args.timeout]
                 results["runs"][f"{policy.lower()}_{'busy' if busy else 'alone'}"] = {
-                    "epoch_seconds": [round(s, 2) for s in seconds], "steady_epoch_seconds": round(sum(steady) / len(steady), 2),
+                    "epoch_seconds": [round(s, 2) for s in seconds], "timed_out": timed_out,
+                    "steady_epoch_seconds": round(sum(steady) / len(steady), 2),
                 }
-                print(f"{policy} {'busy' if busy else 'alone'}: {seconds}", file=sys.stderr, flush=True)
+                print(f"{policy} {'busy' if busy else 'alone'}: {seconds}{' (stopped at the timeout)' if timed_out else ''}",
+                      file=sys.stderr, flush=True)
     runs = results["runs"]
     lines = ["| OpenMP wait policy | epoch alone (s) | epoch beside a busy process (s) | slow-down |", "|---|---|---|---|"]
     for policy in ("active", "passive"):
         alone, busy = runs[f"{policy}_alone"]["steady_epoch_seconds"], runs[f"{policy}_busy"]["steady_epoch_seconds"]
         results[f"{policy}_slowdown"] = round(busy / alone, 2)
-        lines.append(f"| {policy.upper()} | {alone:.1f} | {busy:.1f} | {busy / alone:.2f}x |")
+        bound = ">= " if runs[f"{policy}_busy"]["timed_out"] and len(runs[f"{policy}_busy"]["epoch_seconds"]) < 2 else ""
+        lines.append(f"| {policy.upper()} | {alone:.1f} | {bound}{busy:.1f} | {bound}{busy / alone:.2f}x |")
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print("\n".join(lines))
     print(f"\n{results['threads']} torch threads on {results['cpus']} CPUs, {args.epochs} epochs per run "
