@@ -23,7 +23,10 @@ import os
 import sys
 
 CPU_NUMERICS = ("portable", "native")
-PORTABLE_ENVIRONMENT = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
+# MKL_DYNAMIC=FALSE: MKL otherwise may use fewer threads than asked when the machine is busy, and a
+# GEMM split over another thread count sums in another order: a busy CI runner would drift from the
+# baseline an idle one made.
+PORTABLE_ENVIRONMENT = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE", "MKL_DYNAMIC": "FALSE"}
 
 
 class NumericsError(RuntimeError):
