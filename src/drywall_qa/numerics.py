@@ -38,8 +38,8 @@ def configure_cpu_numerics(mode: str) -> None:
 
     Both make idle OpenMP threads sleep instead of spin (`OMP_WAIT_POLICY=PASSIVE`, unless set):
     with another busy process on a 2-core machine, spinning threads steal the core the working thread
-    needs and an epoch took 7-30x longer (bench/bench_busy.py measures it). The wait policy changes no
-    result, only who gets the core.
+    needs (an epoch was once seen taking 97-400 s instead of ~14 s). bench/bench_busy.py measures it
+    (bench/busy_results.json). The wait policy changes no result, only who gets the core.
     """
     if mode not in CPU_NUMERICS:
         raise NumericsError(f"cpu_numerics must be one of {CPU_NUMERICS}, got {mode!r}")
