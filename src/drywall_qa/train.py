@@ -124,11 +124,9 @@ class TrainConfig:
         except InferenceConfigError as error:
             raise TrainConfigError(str(error)) from None
         values = {name: train[name] for name in sorted(names) if name in train}
-        if "crop_scale_jitter" in values:
-            jitter = values["crop_scale_jitter"]
-            if not isinstance(jitter, list | tuple) or len(jitter) != 2:
-                raise TrainConfigError(f"train.crop_scale_jitter must be [low, high], got {jitter!r}")
-            values["crop_scale_jitter"] = (float(jitter[0]), float(jitter[1]))
+        jitter = values.get("crop_scale_jitter", (1.0, 1.0))
+        if not isinstance(jitter, list | tuple) or len(jitter) != 2:
+            raise TrainConfigError(f"train.crop_scale_jitter must be [low, high], got {jitter!r}")
         config = cls(
             seed=int(params["seed"]),
             lr=float(params["lr"]),
@@ -395,22 +393,7 @@ def train(
     mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
 
     use_cache = config.uses_cache
-    # Native-scale training: crops of the model's input size from the photo at the inference scale;
-    # validation then scores whole photos at that scale, the way evaluation and predict make masks.
-    native = config.inference.native
-    geometry = {
-        "working_scale": config.inference.scale if native else None,
-        "patch_size": model.config.vision_config.patch_size,
-    }
-    train_set = SegmentationDataset(
-        train_records, prompts, config.image_size, mean, std, augment=config.augment,
-        negative_prompts=config.negative_prompts, seed=config.seed,
-        views=config.cached_views if use_cache else None, crop=config.crop() if native else None, **geometry,
-    )
-    val_set = SegmentationDataset(
-        val_records, prompts, config.image_size, mean, std, augment=False,
-        negative_prompts=config.negative_prompts, seed=config.seed, **geometry,
-    )
+    train_set, val_set = _datasets(config, model, (mean, std), prompts, train_records, val_records)
     cache = ActivationCache(model, cache_dir) if use_cache else None
 
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
@@ -518,6 +501,36 @@ def train(
     write_history(history_path, run.history)
     write_json(metrics_path, summary)
     return summary
+
+
+def _datasets(
+    config: TrainConfig,
+    model: CLIPSegForImageSegmentation,
+    normalisation: tuple[list[float], list[float]],
+    prompts: dict[str, list[str]],
+    train_records: list,
+    val_records: list,
+) -> tuple[SegmentationDataset, SegmentationDataset]:
+    """The train and val datasets. Native-scale training (inference mode whole/sliding): crops of the
+    model's input size from the photo at the inference scale; validation then scores whole photos at
+    that scale, the way evaluation and predict make masks."""
+    mean, std = normalisation
+    native = config.inference.native
+    geometry = {
+        "working_scale": config.inference.scale if native else None,
+        "patch_size": model.config.vision_config.patch_size,
+    }
+    train_set = SegmentationDataset(
+        train_records, prompts, config.image_size, mean, std, augment=config.augment,
+        negative_prompts=config.negative_prompts, seed=config.seed,
+        views=config.cached_views if config.uses_cache else None, crop=config.crop() if native else None,
+        **geometry,
+    )
+    val_set = SegmentationDataset(
+        val_records, prompts, config.image_size, mean, std, augment=False,
+        negative_prompts=config.negative_prompts, seed=config.seed, **geometry,
+    )
+    return train_set, val_set
 
 
 def _loader_options(device: torch.device) -> dict[str, Any]:
