@@ -64,10 +64,18 @@ def run(workdir: Path, epochs: int, wait_policy: str, busy: bool, timeout: float
         try:
             result = subprocess.run(
                 [sys.executable, "-c", TRAIN_CODE, str(REPO / "params.yaml"), str(workdir), str(epochs)],
-                env=env, capture_output=True, text=True, check=True, timeout=timeout)
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=timeout,
+            )
             stdout, timed_out = result.stdout, False
         except subprocess.TimeoutExpired as expired:
-            stdout, timed_out = (expired.stdout or b"").decode() if isinstance(expired.stdout, bytes) else (expired.stdout or ""), True
+            stdout, timed_out = (
+                (expired.stdout or b"").decode() if isinstance(expired.stdout, bytes) else (expired.stdout or ""),
+                True,
+            )
     finally:
         if blocker is not None:
             blocker.kill()
@@ -90,10 +98,17 @@ def main() -> int:
     params = load_params(REPO / "params.yaml")
     synthetic = params["data"]["synthetic"]
     settings = BenchSettings(
-        mode="busy", preset=params["model"]["preset"], image_size=params["model"]["image_size"], epochs=args.epochs,
-        naive_epochs=0, source_images={"cracks": synthetic["source_images"], "taping": synthetic["source_images"]},
-        synthetic_image_size=synthetic["image_size"], inference_images=0, inference_repeats=0,
-        threads=params["train"]["num_threads"], device="cpu",
+        mode="busy",
+        preset=params["model"]["preset"],
+        image_size=params["model"]["image_size"],
+        epochs=args.epochs,
+        naive_epochs=0,
+        source_images={"cracks": synthetic["source_images"], "taping": synthetic["source_images"]},
+        synthetic_image_size=synthetic["image_size"],
+        inference_images=0,
+        inference_repeats=0,
+        threads=params["train"]["num_threads"],
+        device="cpu",
     )
     results = {"epochs": args.epochs, "threads": params["train"]["num_threads"], "cpus": os.cpu_count(), "runs": {}}
     with tempfile.TemporaryDirectory(prefix="bench-busy-") as work:
@@ -106,22 +121,33 @@ def main() -> int:
                 # a run stopped before any epoch ended counts its whole time as one epoch (a lower bound)
                 steady = seconds[1:] or seconds or [args.timeout]
                 results["runs"][f"{policy.lower()}_{'busy' if busy else 'alone'}"] = {
-                    "epoch_seconds": [round(s, 2) for s in seconds], "timed_out": timed_out,
+                    "epoch_seconds": [round(s, 2) for s in seconds],
+                    "timed_out": timed_out,
                     "steady_epoch_seconds": round(sum(steady) / len(steady), 2),
                 }
-                print(f"{policy} {'busy' if busy else 'alone'}: {seconds}{' (stopped at the timeout)' if timed_out else ''}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"{policy} {'busy' if busy else 'alone'}: {seconds}{' (stopped at the timeout)' if timed_out else ''}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     runs = results["runs"]
-    lines = ["| OpenMP wait policy | epoch alone (s) | epoch beside a busy process (s) | slow-down |", "|---|---|---|---|"]
+    lines = [
+        "| OpenMP wait policy | epoch alone (s) | epoch beside a busy process (s) | slow-down |",
+        "|---|---|---|---|",
+    ]
     for policy in ("active", "passive"):
         alone, busy = runs[f"{policy}_alone"]["steady_epoch_seconds"], runs[f"{policy}_busy"]["steady_epoch_seconds"]
         results[f"{policy}_slowdown"] = round(busy / alone, 2)
-        bound = ">= " if runs[f"{policy}_busy"]["timed_out"] and len(runs[f"{policy}_busy"]["epoch_seconds"]) < 2 else ""
+        bound = (
+            ">= " if runs[f"{policy}_busy"]["timed_out"] and len(runs[f"{policy}_busy"]["epoch_seconds"]) < 2 else ""
+        )
         lines.append(f"| {policy.upper()} | {alone:.1f} | {bound}{busy:.1f} | {bound}{busy / alone:.2f}x |")
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print("\n".join(lines))
-    print(f"\n{results['threads']} torch threads on {results['cpus']} CPUs, {args.epochs} epochs per run "
-          f"(epoch 1 left out of the mean); written to {args.out}")
+    print(
+        f"\n{results['threads']} torch threads on {results['cpus']} CPUs, {args.epochs} epochs per run "
+        f"(epoch 1 left out of the mean); written to {args.out}"
+    )
     return 0
 
 

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from drywall_qa.atomic import write_json_atomic
+from drywall_qa.contracts.atomic import write_json_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Shortest first, so a run cut short still leaves the finished phases in `--out` (see main).
@@ -67,14 +67,30 @@ class BenchSettings:
 # 160 cracks + 200 taping source images (plus Roboflow-style augmented copies) split 70/15/15 give
 # 315 train images and 805 train (image, prompt) pairs, the size of the seed data set.
 FULL = BenchSettings(
-    mode="full", preset="base", image_size=352, epochs=10, naive_epochs=1,
-    source_images={"cracks": 160, "taping": 200}, synthetic_image_size=352,
-    inference_images=16, inference_repeats=2, threads=2, device="cpu",
+    mode="full",
+    preset="base",
+    image_size=352,
+    epochs=10,
+    naive_epochs=1,
+    source_images={"cracks": 160, "taping": 200},
+    synthetic_image_size=352,
+    inference_images=16,
+    inference_repeats=2,
+    threads=2,
+    device="cpu",
 )
 QUICK = BenchSettings(
-    mode="quick", preset="tiny", image_size=64, epochs=2, naive_epochs=1,
-    source_images={"cracks": 6, "taping": 6}, synthetic_image_size=64,
-    inference_images=4, inference_repeats=1, threads=1, device="cpu",
+    mode="quick",
+    preset="tiny",
+    image_size=64,
+    epochs=2,
+    naive_epochs=1,
+    source_images={"cracks": 6, "taping": 6},
+    synthetic_image_size=64,
+    inference_images=4,
+    inference_repeats=1,
+    threads=1,
+    device="cpu",
 )
 
 
@@ -100,15 +116,33 @@ def prepare_data(workdir: Path, settings: BenchSettings, prompts: dict[str, list
     shutil.rmtree(workdir / "data", ignore_errors=True)  # seeded: a resumed run regenerates the same files
     for dataset, count in settings.source_images.items():
         generate_export(
-            DATASET_SPECS[dataset], workdir / "data" / "raw" / dataset, seed=seed, source_images=count,
-            augmented_copies=1, augmented_fraction=0.25, negative_fraction=0.08,
+            DATASET_SPECS[dataset],
+            workdir / "data" / "raw" / dataset,
+            seed=seed,
+            source_images=count,
+            augmented_copies=1,
+            augmented_fraction=0.25,
+            negative_fraction=0.08,
             image_size=settings.synthetic_image_size,
         )
-    convert_all(workdir / "data" / "raw", prompts, workdir / "data" / "masks", workdir / "data" / "interim" / "images.csv",
-                workdir / "metrics" / "conversion.json", repo_root=workdir)
-    stats = write_split(workdir / "data" / "interim" / "images.csv", prompts, SPLIT_FRACTIONS, seed,
-                        workdir / "data" / "manifest.csv", workdir / "metrics" / "split.json",
-                        masks_dir="data/masks", repo_root=workdir)
+    convert_all(
+        workdir / "data" / "raw",
+        prompts,
+        workdir / "data" / "masks",
+        workdir / "data" / "interim" / "images.csv",
+        workdir / "metrics" / "conversion.json",
+        repo_root=workdir,
+    )
+    stats = write_split(
+        workdir / "data" / "interim" / "images.csv",
+        prompts,
+        SPLIT_FRACTIONS,
+        seed,
+        workdir / "data" / "manifest.csv",
+        workdir / "metrics" / "split.json",
+        masks_dir="data/masks",
+        repo_root=workdir,
+    )
     totals = stats["totals"]
     n_prompts = sum(len(dataset_prompts) for dataset_prompts in prompts.values())
     return {
@@ -130,8 +164,13 @@ def train_config(settings: BenchSettings, params: dict[str, Any]) -> dict[str, A
 
     config = TrainConfig.from_params(params)
     config = replace(
-        config, preset=settings.preset, weights=None, image_size=settings.image_size, freeze_backbone=True,
-        epochs=settings.epochs, early_stopping_patience=max(config.early_stopping_patience, settings.epochs + 1),
+        config,
+        preset=settings.preset,
+        weights=None,
+        image_size=settings.image_size,
+        freeze_backbone=True,
+        epochs=settings.epochs,
+        early_stopping_patience=max(config.early_stopping_patience, settings.epochs + 1),
         num_threads=settings.threads,
     )
     config.validate()
@@ -151,7 +190,8 @@ def _load_phase_inputs(workdir: Path) -> tuple[BenchSettings, Any]:
 
 def _scratch_model(config, workdir: Path):
     """The trainer's initial model, built exactly as `train` builds it (same seed, same RNG draws)."""
-    from drywall_qa.data import channel_statistics, image_records, prompts_by_dataset, read_manifest
+    from drywall_qa.contracts.manifest import image_records, prompt_order, prompts_by_dataset, read_manifest
+    from drywall_qa.data import channel_statistics
     from drywall_qa.model import build_model, set_backbone_trainable
     from drywall_qa.train import set_determinism
 
@@ -161,9 +201,16 @@ def _scratch_model(config, workdir: Path):
     train_records = image_records(rows, "train", workdir)
     val_records = image_records(rows, "val", workdir)
     mean, std = channel_statistics(train_records, config.image_size)
-    all_prompts = [prompt for dataset in sorted(prompts) for prompt in prompts[dataset]]
-    model, processor = build_model(config.preset, None, config.image_size, config.freeze_backbone,
-                                   prompts=all_prompts, image_mean=mean, image_std=std)
+    all_prompts = prompt_order(prompts)
+    model, processor = build_model(
+        config.preset,
+        None,
+        config.image_size,
+        config.freeze_backbone,
+        prompts=all_prompts,
+        image_mean=mean,
+        image_std=std,
+    )
     set_backbone_trainable(model, not config.freeze_backbone)
     return model, processor, prompts, train_records, val_records, (mean, std), rows
 
@@ -203,10 +250,26 @@ def phase_naive(workdir: Path) -> dict[str, Any]:
     model, processor, prompts, train_records, val_records, (mean, std), _ = _scratch_model(config, workdir)
     model.to(device)
     # Same items, views, batches, loss, optimizer and schedule as `train` (its loader seed included).
-    train_set = SegmentationDataset(train_records, prompts, config.image_size, mean, std, augment=config.augment,
-                                    negative_prompts=config.negative_prompts, seed=config.seed)
-    val_set = SegmentationDataset(val_records, prompts, config.image_size, mean, std, augment=False,
-                                  negative_prompts=config.negative_prompts, seed=config.seed)
+    train_set = SegmentationDataset(
+        train_records,
+        prompts,
+        config.image_size,
+        mean,
+        std,
+        augment=config.augment,
+        negative_prompts=config.negative_prompts,
+        seed=config.seed,
+    )
+    val_set = SegmentationDataset(
+        val_records,
+        prompts,
+        config.image_size,
+        mean,
+        std,
+        augment=False,
+        negative_prompts=config.negative_prompts,
+        seed=config.seed,
+    )
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     optimizer, scheduler = make_optimizer(model, config, steps_per_epoch)
     trainable = optimizer.param_groups[0]["params"]  # what gradient clipping covers
@@ -216,8 +279,13 @@ def phase_naive(workdir: Path) -> dict[str, Any]:
     epochs = []
     for epoch in range(1, settings.naive_epochs + 1):
         train_set.set_epoch(epoch - 1)
-        loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, collate_fn=collate_pairs,
-                            generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
+        loader = DataLoader(
+            train_set,
+            batch_size=config.batch_size,
+            shuffle=True,
+            collate_fn=collate_pairs,
+            generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch),
+        )
         model.train()
         epoch_started = time.perf_counter()
         forward_s = backward_s = 0.0
@@ -244,9 +312,19 @@ def phase_naive(workdir: Path) -> dict[str, Any]:
         val_started = time.perf_counter()
         val = validate(forward, val_set, config, loader_options={})
         val_s = time.perf_counter() - val_started
-        epochs.append({"epoch": epoch, "train_loss": loss_sum / pairs, "train_s": round(train_s, 3),
-                       "forward_s": round(forward_s, 3), "backward_step_s": round(backward_s, 3),
-                       "val_s": round(val_s, 3), "optimizer_steps": steps, "pairs": pairs, **val})
+        epochs.append(
+            {
+                "epoch": epoch,
+                "train_loss": loss_sum / pairs,
+                "train_s": round(train_s, 3),
+                "forward_s": round(forward_s, 3),
+                "backward_step_s": round(backward_s, 3),
+                "val_s": round(val_s, 3),
+                "optimizer_steps": steps,
+                "pairs": pairs,
+                **val,
+            }
+        )
         log(f"naive: epoch {epoch}: train {train_s:.0f}s, val {val_s:.0f}s, val mIoU {val['val_miou']:.4f}")
     epoch_s = sum(row["train_s"] + row["val_s"] for row in epochs) / len(epochs)
     return {
@@ -297,8 +375,15 @@ def phase_trainer(workdir: Path, cached: bool) -> dict[str, Any]:
         _timed(drywall_qa.train, "save_checkpoint", totals, "checkpoint_s"),
     ):
         summary = train(
-            config, workdir / "data" / "manifest.csv", out / "models", out / "train.json", out / "history.csv",
-            root=workdir, cache_dir=cache_dir if cached else None, device=settings.device, progress=False,
+            config,
+            workdir / "data" / "manifest.csv",
+            out / "models",
+            out / "train.json",
+            out / "history.csv",
+            root=workdir,
+            cache_dir=cache_dir if cached else None,
+            device=settings.device,
+            progress=False,
             log=lambda message: log(f"{out.name}: {message}"),
         )
     wall_s = time.perf_counter() - started
@@ -317,8 +402,10 @@ def phase_trainer(workdir: Path, cached: bool) -> dict[str, Any]:
     }
     if cached:
         result.update(
-            cache_hits=summary["activation_cache_hits"], cache_misses=summary["activation_cache_misses"],
-            cache_files=len(cache_files), cache_bytes=sum(path.stat().st_size for path in cache_files),
+            cache_hits=summary["activation_cache_hits"],
+            cache_misses=summary["activation_cache_misses"],
+            cache_files=len(cache_files),
+            cache_bytes=sum(path.stat().st_size for path in cache_files),
         )
     shutil.rmtree(out / "models", ignore_errors=True)  # two base checkpoints are 1.2 GB; not needed
     return result
@@ -341,8 +428,11 @@ def naive_predict_probs(model, processor, images, prompts, device, batch_size: i
             per_prompt = []
             for prompt in prompts:
                 input_ids, attention_mask = tokenize_prompts(processor, [prompt], device)
-                logits = model(input_ids=input_ids.repeat(len(batch), 1),
-                               attention_mask=attention_mask.repeat(len(batch), 1), pixel_values=pixel_values).logits
+                logits = model(
+                    input_ids=input_ids.repeat(len(batch), 1),
+                    attention_mask=attention_mask.repeat(len(batch), 1),
+                    pixel_values=pixel_values,
+                ).logits
                 per_prompt.append(logits.unsqueeze(0) if logits.dim() == 2 else logits)
             logits = torch.stack(per_prompt, dim=1).float()
             for image, image_logits in zip(batch, logits, strict=True):
@@ -357,13 +447,14 @@ def phase_inference(workdir: Path) -> dict[str, Any]:
     import torch
     from PIL import Image
 
+    from drywall_qa.contracts.manifest import prompt_order
     from drywall_qa.inference import predict_probs
 
     settings, config = _load_phase_inputs(workdir)
     device = torch.device(settings.device)
     model, processor, prompts, train_records, _, (mean, std), rows = _scratch_model(config, workdir)
     model.to(device).eval()
-    all_prompts = [prompt for dataset in sorted(prompts) for prompt in prompts[dataset]]
+    all_prompts = prompt_order(prompts)
     test_paths = sorted({row["image_path"] for row in rows if row["split"] == "test"})[: settings.inference_images]
     images = []
     for path in test_paths:
@@ -387,10 +478,12 @@ def phase_inference(workdir: Path) -> dict[str, Any]:
     naive_predict_probs(model, processor, images[:2], all_prompts[:1], device, batch_size)
     timings, outputs = {}, {}
     for name, function in {
-        "project_1_prompt": lambda: predict_probs(model, processor, images, all_prompts[:1], device=device,
-                                                  batch_size=batch_size),
-        "project_all_prompts": lambda: predict_probs(model, processor, images, all_prompts, device=device,
-                                                     batch_size=batch_size),
+        "project_1_prompt": lambda: predict_probs(
+            model, processor, images, all_prompts[:1], device=device, batch_size=batch_size
+        ),
+        "project_all_prompts": lambda: predict_probs(
+            model, processor, images, all_prompts, device=device, batch_size=batch_size
+        ),
         "naive_1_prompt": lambda: naive_predict_probs(model, processor, images, all_prompts[:1], device, batch_size),
         "naive_all_prompts": lambda: naive_predict_probs(model, processor, images, all_prompts, device, batch_size),
     }.items():
@@ -424,8 +517,16 @@ def _unit_costs(model, processor, train_records, prompts, config, device, mean, 
     from drywall_qa.model import decode, encode_images, encode_prompts, pair_activations, tokenize_prompts
     from drywall_qa.train import segmentation_loss
 
-    train_set = SegmentationDataset(train_records, prompts, config.image_size, mean, std, augment=False,
-                                    negative_prompts=config.negative_prompts, seed=config.seed)
+    train_set = SegmentationDataset(
+        train_records,
+        prompts,
+        config.image_size,
+        mean,
+        std,
+        augment=False,
+        negative_prompts=config.negative_prompts,
+        seed=config.seed,
+    )
     batch = collate_pairs([train_set.load(index, 0) for index in range(min(config.batch_size, len(train_set)))])
     pixel_values = batch["pixel_values"].to(device)
     model.eval()
@@ -443,8 +544,9 @@ def _unit_costs(model, processor, train_records, prompts, config, device, mean, 
     costs = {"vision_per_image_ms": round(1000 * vision / len(pixel_values), 2)}
     for name, run in {
         "decoder_step_per_pair_ms": lambda: decode(model, pair_activations(activations, image_index), conditional),
-        "decoder_step_per_pair_one_call_ms": lambda: decode(model, pair_activations(activations, image_index),
-                                                            conditional, chunk_pairs=None),
+        "decoder_step_per_pair_one_call_ms": lambda: decode(
+            model, pair_activations(activations, image_index), conditional, chunk_pairs=None
+        ),
     }.items():
         best = math.inf
         for _ in range(2):
@@ -564,13 +666,18 @@ def _training_table(results: dict[str, Any]) -> list[str]:
             f"| {_n(run['checkpoint_s'])} | {_n(run['decoder_and_rest_s'])} "
             f"| {first['val_loss']:.4f} / {first['val_miou']:.4f} | {last['val_miou']:.4f} | {_n(run['peak_rss_mb'])} |"
         )
-    lines += ["", f"Naive epoch: {_n(naive1['train_s'])} s training ({_n(naive1['forward_s'])} s forward, "
-              f"{_n(naive1['backward_step_s'])} s backward+step) + {_n(naive1['val_s'])} s validation, "
-              f"setup {_n(naive['setup_s'])} s."]
+    lines += [
+        "",
+        f"Naive epoch: {_n(naive1['train_s'])} s training ({_n(naive1['forward_s'])} s forward, "
+        f"{_n(naive1['backward_step_s'])} s backward+step) + {_n(naive1['val_s'])} s validation, "
+        f"setup {_n(naive['setup_s'])} s.",
+    ]
     if "trainer_cached" in phases:
         cached = phases["trainer_cached"]
-        lines[-1] += (f" Activation cache: {cached['cache_misses']} misses, {cached['cache_hits']} hits, "
-                      f"{cached['cache_bytes'] / 2**30:.2f} GiB on disk ({cached['cache_files']} files).")
+        lines[-1] += (
+            f" Activation cache: {cached['cache_misses']} misses, {cached['cache_hits']} hits, "
+            f"{cached['cache_bytes'] / 2**30:.2f} GiB on disk ({cached['cache_files']} files)."
+        )
     return lines
 
 
@@ -602,16 +709,22 @@ def _inference_table(results: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny preset, a few images, 2 epochs (< 1 min)")
-    parser.add_argument("--out", type=Path, help="JSON results (default bench/results.json, or "
-                                                 "bench/results_quick.json with --quick)")
+    parser.add_argument(
+        "--out", type=Path, help="JSON results (default bench/results.json, or bench/results_quick.json with --quick)"
+    )
     parser.add_argument("--workdir", type=Path, help="where data and caches go (default: a temp dir, removed)")
     parser.add_argument("--threads", type=int, help="torch threads for every phase (default: 2, quick: 1)")
-    parser.add_argument("--phases", default=",".join(PHASES),
-                        help=f"comma-separated subset of {','.join(PHASES)} (default: all; the training ratios need "
-                             "naive and a trainer)")
-    parser.add_argument("--resume", action="store_true",
-                        help="with --workdir: keep the phases an earlier run there finished with the same settings, "
-                             "run the rest")
+    parser.add_argument(
+        "--phases",
+        default=",".join(PHASES),
+        help=f"comma-separated subset of {','.join(PHASES)} (default: all; the training ratios need "
+        "naive and a trainer)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --workdir: keep the phases an earlier run there finished with the same settings, run the rest",
+    )
     parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)  # internal: run one phase
     args = parser.parse_args(argv)
 
@@ -654,8 +767,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             finished.unlink(missing_ok=True)
             phases[name] = run_phase_in_child(name, workdir)
-            write_json_atomic(out, {"complete": False, "settings": asdict(settings), "config": config,
-                                    "data": data, "phases": phases})
+            write_json_atomic(
+                out, {"complete": False, "settings": asdict(settings), "config": config, "data": data, "phases": phases}
+            )
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -672,8 +786,11 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "load_average_end": [round(value, 2) for value in os.getloadavg()],
-            "gpu": ("not measured: no CUDA device on this machine" if not torch.cuda.is_available()
-                    else f"{torch.cuda.get_device_name(0)} present but this run used {settings.device}"),
+            "gpu": (
+                "not measured: no CUDA device on this machine"
+                if not torch.cuda.is_available()
+                else f"{torch.cuda.get_device_name(0)} present but this run used {settings.device}"
+            ),
         },
         "phases": phases,
         "summary": summarise(phases, settings.epochs),

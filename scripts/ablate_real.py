@@ -17,16 +17,15 @@ import copy
 import json
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-from collections.abc import Sequence
 
 import cv2
 import numpy as np
 from ruamel.yaml import YAML
 
-from drywall_qa.atomic import write_json_atomic, write_text_atomic
+from drywall_qa.contracts.atomic import write_json_atomic, write_text_atomic
 from drywall_qa.params import load_params
 
 
@@ -52,15 +51,18 @@ def snap_to_boxes(mask: np.ndarray) -> np.ndarray:
     return snapped
 
 
-def val_scores(model_dir: Path, manifest_path: Path, root: Path, inference_mode: str | None,
-               snap_datasets: Sequence[str] = ()) -> dict[str, float]:
+def val_scores(
+    model_dir: Path, manifest_path: Path, root: Path, inference_mode: str | None, snap_datasets: Sequence[str] = ()
+) -> dict[str, float]:
     """Val mIoU per dataset at threshold 0.5 through the inference path that evaluation uses; for
     `snap_datasets` also with predicted components snapped to their bounding rectangles."""
     import functools
 
-    from drywall_qa.evaluate import load_mask, predict_images, read_manifest, split_images
+    from drywall_qa.contracts.manifest import image_records, read_manifest
+    from drywall_qa.contracts.masks import binarize, read_mask
+    from drywall_qa.evaluate import predict_images
     from drywall_qa.inference import InferenceConfig, predict_probs
-    from drywall_qa.metrics import binarize, confusion_counts, summarize
+    from drywall_qa.metrics import confusion_counts, summarize
     from drywall_qa.model import load_model
 
     model, processor = load_model(model_dir)
@@ -68,32 +70,37 @@ def val_scores(model_dir: Path, manifest_path: Path, root: Path, inference_mode:
         current = InferenceConfig.of(model)
         InferenceConfig(mode=inference_mode, scale=current.scale, overlap=current.overlap).attach(model)
     predict_fn = functools.partial(predict_probs, model, processor, device="cpu", batch_size=8)
-    images = split_images(read_manifest(manifest_path), "val")
+    images = image_records(read_manifest(manifest_path), "val", root)
     counts: dict[str, list] = {}
     started = time.perf_counter()
-    for image, prompts, probs in predict_images(predict_fn, images, lambda item: item.prompts, root, 8):
+    for image, prompts, probs in predict_images(predict_fn, images, lambda item: list(item.prompts), 8):
         for prompt, prob in zip(prompts, probs, strict=True):
-            gt = load_mask(root / image.mask_paths[prompt], (image.width, image.height))
+            gt = read_mask(image.mask_paths[prompt], (image.width, image.height))
             predicted = binarize(prob, 0.5)
             counts.setdefault(image.dataset, []).append(confusion_counts(predicted, gt))
             if image.dataset in snap_datasets:
                 counts.setdefault(f"{image.dataset}_snapped", []).append(confusion_counts(snap_to_boxes(predicted), gt))
     scores = {f"val.{dataset}.miou": summarize(pairs)["miou"] for dataset, pairs in sorted(counts.items())}
-    scores["val.all.miou"] = summarize([c for name, pairs in counts.items() if not name.endswith("_snapped")
-                                        for c in pairs])["miou"]
+    scores["val.all.miou"] = summarize(
+        [c for name, pairs in counts.items() if not name.endswith("_snapped") for c in pairs]
+    )["miou"]
     scores["val_seconds"] = time.perf_counter() - started
     return scores
 
 
 def full_run_record(name: str, folder: Path, prompts: dict[str, list[str]]) -> dict[str, Any]:
     """Val mIoU per dataset (at the val-chosen thresholds) and wall time of a finished real run."""
-    from drywall_qa.naming import prompt_slug
+    from drywall_qa.contracts.naming import prompt_slug
 
     evaluation = json.loads((folder / "eval.json").read_text())
     training = json.loads((folder / "train.json").read_text())
-    record = {"name": name, "folder": str(folder), "epochs_run": training["epochs_run"],
-              "train_seconds": round(training["seconds"], 1),
-              "inference_mode": evaluation.get("inference.mode", "resize")}
+    record = {
+        "name": name,
+        "folder": str(folder),
+        "epochs_run": training["epochs_run"],
+        "train_seconds": round(training["seconds"], 1),
+        "inference_mode": evaluation.get("inference.mode", "resize"),
+    }
     for dataset, dataset_prompts in prompts.items():
         # every prompt of a dataset scores the same images, so the dataset's mIoU is their mean
         values = [evaluation[f"val.{prompt_slug(p)}.miou"] for p in dataset_prompts]
@@ -102,23 +109,37 @@ def full_run_record(name: str, folder: Path, prompts: dict[str, list[str]]) -> d
     return record
 
 
-def run_variant(name: str, params: dict[str, Any], manifest: Path, root: Path, also_score: list[str],
-                log_dir: Path) -> dict[str, Any]:
+def run_variant(
+    name: str, params: dict[str, Any], manifest: Path, root: Path, also_score: list[str], log_dir: Path
+) -> dict[str, Any]:
     from drywall_qa.train import TrainConfig, train
 
     config = TrainConfig.from_params(params)
     with tempfile.TemporaryDirectory(prefix=f"ablate-{name}-") as work:
         work_dir = Path(work)
         started = time.perf_counter()
-        summary = train(config, manifest_path=manifest, output_dir=work_dir / "model",
-                        metrics_path=work_dir / "train.json", history_path=log_dir / f"{name}.history.csv",
-                        root=root, progress=False, log=lambda line: print(f"[{name}] {line}", flush=True))
+        summary = train(
+            config,
+            manifest_path=manifest,
+            output_dir=work_dir / "model",
+            metrics_path=work_dir / "train.json",
+            history_path=log_dir / f"{name}.history.csv",
+            root=root,
+            progress=False,
+            log=lambda line: print(f"[{name}] {line}", flush=True),
+        )
         train_seconds = time.perf_counter() - started
-        record = {"variant": name, "train_seconds": round(train_seconds, 1), "epochs_run": summary["epochs_run"],
-                  "best_epoch": summary["best_epoch"], "inference_mode": config.inference.mode,
-                  "params": summary["params"]}
-        record |= {key: round(value, 4) for key, value in
-                   val_scores(work_dir / "model" / "best", manifest, root, None).items()}
+        record = {
+            "variant": name,
+            "train_seconds": round(train_seconds, 1),
+            "epochs_run": summary["epochs_run"],
+            "best_epoch": summary["best_epoch"],
+            "inference_mode": config.inference.mode,
+            "params": summary["params"],
+        }
+        record |= {
+            key: round(value, 4) for key, value in val_scores(work_dir / "model" / "best", manifest, root, None).items()
+        }
         for mode in also_score:
             if mode != config.inference.mode:
                 scores = val_scores(work_dir / "model" / "best", manifest, root, mode)
@@ -129,8 +150,11 @@ def run_variant(name: str, params: dict[str, Any], manifest: Path, root: Path, a
 
 def markdown(document: dict[str, Any]) -> str:
     records = document["records"]
-    settings = {"epochs": records[0]["shared"]["train.epochs"] if records else "?",
-                "shared": records[0]["shared"] if records else {}, "variants": document["variants"]}
+    settings = {
+        "epochs": records[0]["shared"]["train.epochs"] if records else "?",
+        "shared": records[0]["shared"] if records else {},
+        "variants": document["variants"],
+    }
     lines = [
         "# Ablation on the real val split",
         "",
@@ -168,9 +192,11 @@ def markdown(document: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|---|",
         ]
         for run in document["full_runs"]:
-            lines.append(f"| {run['name']} (`{run['folder']}`) | {run['inference_mode']} | {run['epochs_run']} "
-                         f"| {run['train_seconds']:.0f} | {run['val.cracks.miou']} | {run['val.taping.miou']} "
-                         f"| {run['val.all.miou']} |")
+            lines.append(
+                f"| {run['name']} (`{run['folder']}`) | {run['inference_mode']} | {run['epochs_run']} "
+                f"| {run['train_seconds']:.0f} | {run['val.cracks.miou']} | {run['val.taping.miou']} "
+                f"| {run['val.all.miou']} |"
+            )
     for record in document.get("scored", []):
         lines += [
             "",
@@ -187,8 +213,10 @@ def markdown(document: dict[str, Any]) -> str:
         ]
         for key, scores in record.items():
             if key.startswith("as_"):
-                lines.append(f"| as {key[3:]} | {scores.get('val.cracks.miou', '')} | {scores.get('val.taping.miou', '')} "
-                             f"| {scores['val.all.miou']} |")
+                lines.append(
+                    f"| as {key[3:]} | {scores.get('val.cracks.miou', '')} | {scores.get('val.taping.miou', '')} "
+                    f"| {scores['val.all.miou']} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -202,11 +230,20 @@ def main() -> int:
     parser.add_argument("--variant", action="append", required=True)
     parser.add_argument("--also-score", action="append", default=[], choices=["resize", "whole", "sliding"])
     parser.add_argument("--out", type=Path, required=True, help="folder for ablation.json / ablation.md")
-    parser.add_argument("--score-checkpoint", type=Path, metavar="DIR",
-                        help="score this trained checkpoint on val (its own mode, --also-score modes, taping "
-                             "snapped to boxes) as variant --variant, without training")
-    parser.add_argument("--full-run", action="append", default=[], metavar="NAME=DIR",
-                        help="add a finished real run's val scores (DIR holds its eval.json and train.json)")
+    parser.add_argument(
+        "--score-checkpoint",
+        type=Path,
+        metavar="DIR",
+        help="score this trained checkpoint on val (its own mode, --also-score modes, taping "
+        "snapped to boxes) as variant --variant, without training",
+    )
+    parser.add_argument(
+        "--full-run",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="add a finished real run's val scores (DIR holds its eval.json and train.json)",
+    )
     args = parser.parse_args()
     if args.full_run:
         out_file = args.out / "ablation.json"
@@ -222,11 +259,14 @@ def main() -> int:
     if args.score_checkpoint:
         name = parse_variant(args.variant[0])[0]
         record = {"variant": name, "checkpoint": str(args.score_checkpoint)}
-        record |= {k: round(v, 4) for k, v in val_scores(args.score_checkpoint, args.manifest, args.root, None,
-                                                          ("taping",)).items()}
+        record |= {
+            k: round(v, 4)
+            for k, v in val_scores(args.score_checkpoint, args.manifest, args.root, None, ("taping",)).items()
+        }
         for mode in args.also_score:
-            record[f"as_{mode}"] = {k: round(v, 4) for k, v in
-                                    val_scores(args.score_checkpoint, args.manifest, args.root, mode).items()}
+            record[f"as_{mode}"] = {
+                k: round(v, 4) for k, v in val_scores(args.score_checkpoint, args.manifest, args.root, mode).items()
+            }
         args.out.mkdir(parents=True, exist_ok=True)
         out_file = args.out / "ablation.json"
         previous = json.loads(out_file.read_text()) if out_file.is_file() else {"records": [], "variants": {}}

@@ -31,10 +31,9 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
-
-import yaml
 
 from drywall_qa.params import load_params_text
 from drywall_qa.report import build_report, load_inputs
@@ -124,18 +123,36 @@ def rebuild_report(ref: str, staging: Path, runs: dict, seconds: dict, tmp: Path
         (figures_dir / path).write_bytes(git("show", f"{ref}:plots/figures/{path}"))
     params = load_params_text(git("show", f"{ref}:params.yaml").decode())
     lock = yaml.safe_load(git("show", f"{ref}:dvc.lock").decode()) or {}
-    raw_hash = next((out.get("md5") for stage in (lock.get("stages") or {}).values()
-                     for out in stage.get("outs") or [] if out.get("path") == "data/raw"), None)
+    raw_hash = next(
+        (
+            out.get("md5")
+            for stage in (lock.get("stages") or {}).values()
+            for out in stage.get("outs") or []
+            if out.get("path") == "data/raw"
+        ),
+        None,
+    )
     inputs = load_inputs(
-        source_json=staging / "source.json", conversion_json=staging / "conversion.json",
-        split_json=staging / "split.json", train_json=staging / "train.json", eval_json=staging / "eval.json",
+        source_json=staging / "source.json",
+        conversion_json=staging / "conversion.json",
+        split_json=staging / "split.json",
+        train_json=staging / "train.json",
+        eval_json=staging / "eval.json",
         figures_dir=figures_dir,
     )
-    mlflow_ids = {"pipeline run": runs["report"].data.tags.get("mlflow.parentRunId", "none"),
-                  "report stage run": runs["report"].info.run_id}
+    mlflow_ids = {
+        "pipeline run": runs["report"].data.tags.get("mlflow.parentRunId", "none"),
+        "report stage run": runs["report"].info.run_id,
+    }
     commit = git("rev-parse", ref).decode().strip()
-    return build_report(inputs, params=params, git_commit=commit, raw_data_hash=raw_hash, mlflow_ids=mlflow_ids,
-                        stage_seconds={stage: value for stage, value in seconds.items() if value is not None})
+    return build_report(
+        inputs,
+        params=params,
+        git_commit=commit,
+        raw_data_hash=raw_hash,
+        mlflow_ids=mlflow_ids,
+        stage_seconds={stage: value for stage, value in seconds.items() if value is not None},
+    )
 
 
 def collect(name: str, out: Path, since: float, max_figure_width: int) -> dict:
@@ -149,8 +166,9 @@ def collect(name: str, out: Path, since: float, max_figure_width: int) -> dict:
             write_bytes_atomic(staging / target, git("show", f"{ref}:{source}"))
         seconds = {stage: run.data.metrics.get("stage_seconds") for stage, run in runs.items()}
         with tempfile.TemporaryDirectory() as tmp:
-            source_json = mlflow.artifacts.download_artifacts(run_id=runs["download"].info.run_id,
-                                                              artifact_path="source.json", dst_path=tmp)
+            source_json = mlflow.artifacts.download_artifacts(
+                run_id=runs["download"].info.run_id, artifact_path="source.json", dst_path=tmp
+            )
             shutil.copy(source_json, staging / "source.json")
             report = rebuild_report(ref, staging, runs, seconds, Path(tmp))
         figures = sorted(set(FIGURE_LINK.findall(report)))
@@ -159,7 +177,9 @@ def collect(name: str, out: Path, since: float, max_figure_width: int) -> dict:
             write_bytes_atomic(staging / "figures" / jpeg_name(figure), small_jpeg(png, max_figure_width))
         report = FIGURE_LINK.sub(lambda match: f"](figures/{jpeg_name(match.group(1))})", report)
         if (out / "ablation.md").is_file():
-            report = report.replace("\n## Goal", "\nRecipe levers compared on val: [ablation.md](ablation.md).\n\n## Goal", 1)
+            report = report.replace(
+                "\n## Goal", "\nRecipe levers compared on val: [ablation.md](ablation.md).\n\n## Goal", 1
+            )
         write_bytes_atomic(staging / "report.md", report.encode())
         record = {
             "experiment": name,
@@ -184,8 +204,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", required=True, help="the DVC experiment name (dvc exp run -n)")
     parser.add_argument("--out", required=True, type=Path, help="folder to (re)write, e.g. metrics/real")
-    parser.add_argument("--since", type=float, default=0.0,
-                        help="unix time the run started: older MLflow runs of the same name are ignored")
+    parser.add_argument(
+        "--since",
+        type=float,
+        default=0.0,
+        help="unix time the run started: older MLflow runs of the same name are ignored",
+    )
     parser.add_argument("--max-figure-width", type=int, default=900)
     args = parser.parse_args()
     try:
@@ -193,8 +217,10 @@ def main() -> int:
     except (CollectError, mlflow.exceptions.MlflowException) as error:
         print(f"collect: {error}", file=sys.stderr)
         return 1
-    print(f"collect: {args.out}/ from {record['experiment_ref']} "
-          f"({record['total_stage_seconds']:.0f} s over {len(record['stage_seconds'])} stages)")
+    print(
+        f"collect: {args.out}/ from {record['experiment_ref']} "
+        f"({record['total_stage_seconds']:.0f} s over {len(record['stage_seconds'])} stages)"
+    )
     return 0
 
 

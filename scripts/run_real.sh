@@ -46,6 +46,10 @@ recipe=(
   -S cpu_numerics=native
 )
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# The stages of a --temp experiment must import the code of their copy (.dvc/tmp/exps/...), not the
+# editable install's checkout: code edited here while the experiment runs would otherwise reach its
+# later stages (it did: a refactor mid-run broke an experiment's evaluate stage).
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 
 started=$(date +%s)
 echo "run_real: dvc exp run --temp --force -n $name ${recipe[*]} $*"

@@ -7,9 +7,10 @@ import sys
 
 import mlflow
 
-from drywall_qa.convert import ConversionError, convert_all
-from drywall_qa.params import flatten, load_stage_params
-from drywall_qa.tracking import TrackingUnavailableError, stage_run
+from drywall_qa.contracts import paths
+from drywall_qa.convert import convert_all
+from drywall_qa.params import flatten
+from drywall_qa.stage import Stage, run_stage
 
 
 def numeric_metrics(report: dict) -> dict[str, float]:
@@ -18,32 +19,25 @@ def numeric_metrics(report: dict) -> dict[str, float]:
     return {key: value for key, value in flat.items() if isinstance(value, int | float) and not isinstance(value, bool)}
 
 
-def main() -> int:
-    params = load_stage_params("convert")
-    prompts = params["prompts"]
-    try:
-        with stage_run("convert", params={"prompts": prompts}, all_params=params):
-            report = convert_all(
-                raw_dir="data/raw",
-                prompts=prompts,
-                masks_dir="data/masks",
-                images_csv="data/interim/images.csv",
-                report_path="metrics/conversion.json",
-                repo_root=".",
-            )
-            mlflow.log_metrics(numeric_metrics(report))
-            mlflow.log_dict(report, "conversion.json")
-    except (ConversionError, TrackingUnavailableError) as error:
-        print(f"convert: {error}", file=sys.stderr)
-        return 1
+def convert(stage: Stage) -> str:
+    with stage.tracked():
+        report = convert_all(
+            raw_dir=paths.RAW_DIR,
+            prompts=stage.params["prompts"],
+            masks_dir=paths.MASKS_DIR,
+            images_csv=paths.IMAGES_CSV,
+            report_path=paths.CONVERSION_METRICS,
+            repo_root=".",
+        )
+        mlflow.log_metrics(numeric_metrics(report))
+        mlflow.log_dict(report, "conversion.json")
     totals = report["totals"]
-    print(
+    return (
         f"convert: {totals['images_converted']}/{totals['images_seen']} images, "
         f"{totals['annotations_converted']}/{totals['annotations_seen']} annotations, "
-        f"{totals['masks_written']} masks (details: metrics/conversion.json)"
+        f"{totals['masks_written']} masks (details: {paths.CONVERSION_METRICS})"
     )
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage("convert", convert))

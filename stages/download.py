@@ -10,12 +10,11 @@ from pathlib import Path
 
 import mlflow
 
+from drywall_qa.contracts import paths
 from drywall_qa.convert import preview_grid, read_export
-from drywall_qa.params import flatten, load_stage_params
-from drywall_qa.sources import DownloadError, fetch_raw_data, roboflow_api_key
-from drywall_qa.tracking import TrackingUnavailableError, stage_run
-
-RAW_DIR = Path("data/raw")
+from drywall_qa.params import flatten
+from drywall_qa.sources import fetch_raw_data, roboflow_api_key
+from drywall_qa.stage import Stage, run_stage
 
 
 def count_metrics(record: dict) -> dict[str, float]:
@@ -27,40 +26,43 @@ def count_metrics(record: dict) -> dict[str, float]:
     return {key: value for key, value in flatten(counts).items() if isinstance(value, int)}
 
 
-def main() -> None:
+def download(stage: Stage) -> str:
     logging.basicConfig(level=logging.INFO, format="download: %(message)s")
-    params = load_stage_params("download")
-    data = params["data"]
-    try:
-        # Read before any work: a missing key fails at once, with one line.
-        api_key = roboflow_api_key(os.environ) if data.get("source") == "roboflow" else None
-        with stage_run("download", params={"seed": params["seed"], "data": data}, all_params=params):
-            # Relative local paths are the user's repo's: DVC_ROOT, also under `dvc exp run --temp`,
-            # whose working copy lives in .dvc/tmp/exps/ where `../shared/...` would point elsewhere.
-            repo_root = Path(os.environ.get("DVC_ROOT") or Path.cwd())
-            previews = {}
+    data = stage.params["data"]
+    # Read before any work: a missing key fails at once, with one line.
+    api_key = roboflow_api_key(os.environ) if data["source"] == "roboflow" else None
+    with stage.tracked():
+        previews = {}
 
-            def validate(dataset_dir: Path, name: str) -> None:
-                # convert's own reader, before data/raw is replaced: a malformed export stops here
-                # and the last good data/raw stays; the preview shows what conversion accepts.
-                previews[name] = preview_grid(read_export(dataset_dir))
+        def validate(dataset_dir: Path, name: str) -> None:
+            # convert's own reader, before data/raw is replaced: a malformed export stops here
+            # and the last good data/raw stays; the preview shows what conversion accepts.
+            previews[name] = preview_grid(read_export(dataset_dir))
 
-            record = fetch_raw_data(data, seed=params["seed"], raw_dir=RAW_DIR, repo_root=repo_root,
-                                    api_key=api_key, validate=validate)
-            mlflow.log_metrics(count_metrics(record))
-            mlflow.log_dict(record, "source.json")
-            for name, grid in previews.items():
-                if grid is not None:  # a look at the first readable images and what becomes their masks
-                    mlflow.log_image(grid, f"previews/{name}.png")
-    except (DownloadError, TrackingUnavailableError) as error:
-        raise SystemExit(f"download: {error}") from None
+        # Relative local paths are the user's repo's (stage.repo_root), also under `dvc exp run --temp`,
+        # whose working copy lives in .dvc/tmp/exps/ where `../shared/...` would point elsewhere.
+        record = fetch_raw_data(
+            data,
+            seed=stage.params["seed"],
+            raw_dir=Path(paths.RAW_DIR),
+            repo_root=stage.repo_root,
+            api_key=api_key,
+            validate=validate,
+        )
+        mlflow.log_metrics(count_metrics(record))
+        mlflow.log_dict(record, "source.json")
+        for name, grid in previews.items():
+            if grid is not None:  # a look at the first readable images and what becomes their masks
+                mlflow.log_image(grid, f"previews/{name}.png")
+    lines = []
     for name, dataset in record["datasets"].items():
         folders = ", ".join(f"{split} {counts['images']}" for split, counts in dataset["splits"].items())
-        print(
+        lines.append(
             f"download ({record['source']}): {name}: {dataset['images']} images ({folders}), "
             f"{dataset['annotations']} annotations, {dataset['format']} {dataset['geometry']}"
         )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage("download", download))

@@ -7,34 +7,28 @@ import sys
 
 import mlflow
 
-from drywall_qa.params import load_stage_params
-from drywall_qa.tracking import TrackingUnavailableError, stage_run
-from drywall_qa.visualize import VisualizationError, make_figures
+from drywall_qa.contracts import paths
+from drywall_qa.stage import Stage, run_stage
+from drywall_qa.visualize import make_figures
 
 
-def main() -> int:
-    params = load_stage_params("visualize")
-    visualize = params["visualize"]
-    try:
-        with stage_run("visualize", params={"visualize": visualize}, all_params=params):
-            paths = make_figures(
-                manifest_path="data/manifest.csv",
-                per_image_csv="plots/eval_per_image.csv",
-                per_prompt_csv="plots/eval_per_prompt.csv",
-                threshold_sweep_csv="plots/threshold_sweep.csv",
-                train_history_csv="plots/train_history.csv",
-                predictions_dir="data/predictions",
-                out_dir="plots/figures",
-                examples_per_prompt=visualize["examples_per_prompt"],
-                worst_k=visualize["worst_k"],
-            )
-            mlflow.log_artifacts("plots/figures", artifact_path="figures")
-    except (VisualizationError, TrackingUnavailableError) as error:
-        print(f"visualize: {error}", file=sys.stderr)
-        return 1
-    print(f"visualize: {len(paths)} figures in plots/figures/")
-    return 0
+def visualize(stage: Stage) -> str:
+    settings = stage.params["visualize"]
+    with stage.tracked():
+        figures = make_figures(
+            manifest_path=paths.MANIFEST,
+            per_image_csv=paths.EVAL_PER_IMAGE,
+            per_prompt_csv=paths.EVAL_PER_PROMPT,
+            threshold_sweep_csv=paths.THRESHOLD_SWEEP,
+            train_history_csv=paths.TRAIN_HISTORY,
+            predictions_dir=paths.PREDICTIONS_DIR,
+            out_dir=paths.FIGURES_DIR,
+            examples_per_prompt=settings["examples_per_prompt"],
+            worst_k=settings["worst_k"],
+        )
+        mlflow.log_artifacts(paths.FIGURES_DIR, artifact_path="figures")
+    return f"visualize: {len(figures)} figures in {paths.FIGURES_DIR}/"
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage("visualize", visualize))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
-import ablate_real  # noqa: E402
+import ablate_real
 
 
 def test_snap_to_boxes_fills_each_component_bounding_rectangle():
@@ -29,17 +29,40 @@ def test_ablation_table_lists_every_variant_and_rescoring():
     document = {
         "variants": {"a": {"inference.mode": "whole"}, "b": {}},
         "records": [
-            {"variant": "a", "inference_mode": "whole", "val.cracks.miou": 0.3, "val.taping.miou": 0.4,
-             "val.all.miou": 0.35, "best_epoch": 8, "train_seconds": 100.0, "shared": shared,
-             "as_sliding": {"val.cracks.miou": 0.2, "val.taping.miou": 0.1, "val.all.miou": 0.15}},
-            {"variant": "b", "inference_mode": "resize", "val.cracks.miou": 0.1, "val.taping.miou": 0.2,
-             "val.all.miou": 0.15, "best_epoch": 7, "train_seconds": 50.0, "shared": shared},
+            {
+                "variant": "a",
+                "inference_mode": "whole",
+                "val.cracks.miou": 0.3,
+                "val.taping.miou": 0.4,
+                "val.all.miou": 0.35,
+                "best_epoch": 8,
+                "train_seconds": 100.0,
+                "shared": shared,
+                "as_sliding": {"val.cracks.miou": 0.2, "val.taping.miou": 0.1, "val.all.miou": 0.15},
+            },
+            {
+                "variant": "b",
+                "inference_mode": "resize",
+                "val.cracks.miou": 0.1,
+                "val.taping.miou": 0.2,
+                "val.all.miou": 0.15,
+                "best_epoch": 7,
+                "train_seconds": 50.0,
+                "shared": shared,
+            },
         ],
-        "scored": [{"variant": "final", "val.cracks.miou": 0.5, "val.taping.miou": 0.6, "val.taping_snapped.miou": 0.65,
-                    "val.all.miou": 0.55}],
+        "scored": [
+            {
+                "variant": "final",
+                "val.cracks.miou": 0.5,
+                "val.taping.miou": 0.6,
+                "val.taping_snapped.miou": 0.65,
+                "val.all.miou": 0.55,
+            }
+        ],
     }
     table = ablate_real.markdown(document)
-    assert "| a | `{\"inference.mode\": \"whole\"}` | whole | 0.3 | 0.4 | 0.35 | 8 | 100 |" in table
+    assert '| a | `{"inference.mode": "whole"}` | whole | 0.3 | 0.4 | 0.35 | 8 | 100 |' in table
     assert "| a, scored as sliding | (same checkpoint) | sliding | 0.2 | 0.1 | 0.15 | | |" in table
     assert "| b | `{}` | resize | 0.1 | 0.2 | 0.15 | 7 | 50 |" in table
     assert "| taping snapped to boxes | 0.5 | 0.65 | |" in table and "(8 epochs max)" in table

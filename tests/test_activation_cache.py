@@ -7,7 +7,8 @@ import torch
 from test_train import make_manifest, run_training, tiny_config
 
 from drywall_qa.activation_cache import ActivationCache, vision_weights_hash
-from drywall_qa.data import SegmentationDataset, collate_pairs, image_records, prompts_by_dataset, read_manifest
+from drywall_qa.contracts.manifest import image_records, prompts_by_dataset, read_manifest
+from drywall_qa.data import SegmentationDataset, collate_pairs
 from drywall_qa.model import build_model, decode, encode_images, encode_prompts, pair_activations, tokenize_prompts
 
 
@@ -20,11 +21,21 @@ def frozen_setup(tmp_path, image_size=32, mean=(0.5, 0.5, 0.5), augment=True):
     make_manifest(tmp_path)
     rows = read_manifest(tmp_path / "manifest.csv")
     torch.manual_seed(0)
-    model, processor = build_model("tiny", None, image_size, freeze_backbone=True,
-                                   prompts=["segment crack", "segment taping area"])
+    model, processor = build_model(
+        "tiny", None, image_size, freeze_backbone=True, prompts=["segment crack", "segment taping area"]
+    )
     model.eval()
-    dataset = SegmentationDataset(image_records(rows, "train", tmp_path), prompts_by_dataset(rows), image_size,
-                                  mean, [0.2] * 3, augment=augment, negative_prompts=True, seed=0, views=3)
+    dataset = SegmentationDataset(
+        image_records(rows, "train", tmp_path),
+        prompts_by_dataset(rows),
+        image_size,
+        mean,
+        [0.2] * 3,
+        augment=augment,
+        negative_prompts=True,
+        seed=0,
+        views=3,
+    )
     return model, processor, dataset
 
 

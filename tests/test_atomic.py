@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from drywall_qa.atomic import write_csv_atomic, write_json_atomic, write_text_atomic
+from drywall_qa.contracts.atomic import write_csv_atomic, write_json_atomic, write_text_atomic
 
 
 def test_atomic_files_get_the_umask_mode_not_owner_only(tmp_path):
@@ -36,7 +36,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
 def _replace_many(target: str, writer: int, rounds: int, errors) -> None:
     from pathlib import Path
 
-    from drywall_qa.atomic import replace_dir
+    from drywall_qa.contracts.atomic import replace_dir
 
     for round_ in range(rounds):
         staging = Path(target).parent / f".staging-{writer}-{round_}"
@@ -45,7 +45,7 @@ def _replace_many(target: str, writer: int, rounds: int, errors) -> None:
             (staging / f"file{index}.txt").write_text(f"{writer}:{round_}")
         try:
             replace_dir(staging, Path(target))
-        except Exception as error:  # noqa: BLE001 - the test reports any failure of a writer
+        except Exception as error:
             errors.put(f"{type(error).__name__}: {error}")
 
 
@@ -72,7 +72,7 @@ def test_two_processes_replacing_one_folder_take_turns(tmp_path):
 def test_a_held_lock_gives_a_clear_message(tmp_path):
     from filelock import FileLock
 
-    from drywall_qa.atomic import DirectoryBusyError, replace_dir, replace_lock_path
+    from drywall_qa.contracts.atomic import DirectoryBusyError, replace_dir, replace_lock_path
 
     target, staging = tmp_path / "predictions", tmp_path / "staging"
     staging.mkdir()

@@ -21,7 +21,10 @@ def quick_results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("bench") / "results.json"
     completed = subprocess.run(
         [sys.executable, str(REPO_ROOT / "bench" / "bench_train.py"), "--quick", "--out", str(out)],
-        capture_output=True, text=True, timeout=600, check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
     assert "| trainer, activation cache |" in completed.stdout  # the table is printed
@@ -71,8 +74,10 @@ def test_cache_counts_and_inference_agree_with_the_naive_forward(quick_results):
     cached = quick_results["phases"]["trainer_cached"]
     views_used = min(config["cached_views"], settings["epochs"]) if config["augment"] else 1
     assert cached["cache_misses"] == data["train_images"] * views_used + data["val_images"]
-    assert cached["cache_hits"] == settings["epochs"] * (data["train_images"] + data["val_images"]) - cached[
-        "cache_misses"]
+    assert (
+        cached["cache_hits"]
+        == settings["epochs"] * (data["train_images"] + data["val_images"]) - cached["cache_misses"]
+    )
     assert cached["cache_files"] == cached["cache_misses"] and cached["cache_bytes"] > 0
 
     inference = quick_results["phases"]["inference"]
@@ -87,23 +92,33 @@ def test_cache_counts_and_inference_agree_with_the_naive_forward(quick_results):
 
 def test_a_subset_of_phases_runs_alone_and_resume_reuses_it(tmp_path):
     out, workdir = tmp_path / "results.json", tmp_path / "work"
-    command = [sys.executable, str(REPO_ROOT / "bench" / "bench_train.py"), "--quick", "--out", str(out),
-               "--workdir", str(workdir)]
-    completed = subprocess.run([*command, "--phases", "inference"], capture_output=True, text=True, timeout=600,
-                               check=False)
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "bench" / "bench_train.py"),
+        "--quick",
+        "--out",
+        str(out),
+        "--workdir",
+        str(workdir),
+    ]
+    completed = subprocess.run(
+        [*command, "--phases", "inference"], capture_output=True, text=True, timeout=600, check=False
+    )
     assert completed.returncode == 0, completed.stderr[-4000:]
     alone = json.loads(out.read_text(encoding="utf-8"))
     assert set(alone["phases"]) == {"inference"} and alone["complete"] is False
     assert "all 5 prompts" in completed.stdout and "naive HF loop" not in completed.stdout
     assert set(alone["summary"]) == {"epochs", "inference_all_vs_1_prompt"}
 
-    completed = subprocess.run([*command, "--resume", "--phases", "inference,naive"], capture_output=True, text=True,
-                               timeout=600, check=False)
+    completed = subprocess.run(
+        [*command, "--resume", "--phases", "inference,naive"], capture_output=True, text=True, timeout=600, check=False
+    )
     assert completed.returncode == 0, completed.stderr[-4000:]
     resumed = json.loads(out.read_text(encoding="utf-8"))
     assert resumed["phases"]["inference"] == {**alone["phases"]["inference"], "reused_from_earlier_run": True}
     assert "reused_from_earlier_run" not in resumed["phases"]["naive"]
 
-    rejected = subprocess.run([*command, "--phases", "inference,warp"], capture_output=True, text=True,
-                              timeout=120, check=False)
+    rejected = subprocess.run(
+        [*command, "--phases", "inference,warp"], capture_output=True, text=True, timeout=120, check=False
+    )
     assert rejected.returncode == 2 and "unknown ['warp']" in rejected.stderr

@@ -57,12 +57,14 @@ def test_prompts_and_threshold_options(tiny_model, images, tmp_path):
     image = images / "wall_a.jpg"
     args = ["predict", "--model", str(tiny_model), "--out", str(out), "--prompt", "segment joint/tape"]
     assert main([*args, "--threshold", "0", str(image)]) == 0
-    mode, _, values = _mask(out / "wall_a__segment_joint-tape.png")
+    _, _, values = _mask(out / "wall_a__segment_joint-tape.png")
     assert (values == 255).all()  # every probability reaches 0
     eval_json = tmp_path / "eval.json"
-    eval_json.write_text(json.dumps({"threshold.segment_joint-tape": 1.01}))  # above any probability
+    eval_json.write_text(json.dumps({"threshold.segment_joint-tape": 1.0}))  # no random model's sigmoid reaches 1
     assert main([*args, "--thresholds-from", str(eval_json), str(image)]) == 0
     assert (_mask(out / "wall_a__segment_joint-tape.png")[2] == 0).all()
+    eval_json.write_text(json.dumps({"threshold.segment_joint-tape": 1.5}))
+    assert main([*args, "--thresholds-from", str(eval_json), str(image)]) == 2  # outside [0, 1]: refused
 
 
 def test_unreadable_image_is_skipped_counted_and_fails_the_exit_code(tiny_model, images, tmp_path, capsys):
@@ -90,8 +92,20 @@ def test_missing_input_and_colliding_ids_fail(tiny_model, images, tmp_path, caps
     assert main(["predict", "--model", str(tiny_model), "--out", str(tmp_path / "o"), str(tmp_path / "nope.jpg")]) == 2
     assert "nope.jpg does not exist" in capsys.readouterr().err
     Image.new("RGB", (8, 8)).save(tmp_path / "wall_a.png")  # same image id as photos/wall_a.jpg
-    assert main(["predict", "--model", str(tiny_model), "--out", str(tmp_path / "o"), str(images),
-                 str(tmp_path / "wall_a.png")]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(tiny_model),
+                "--out",
+                str(tmp_path / "o"),
+                str(images),
+                str(tmp_path / "wall_a.png"),
+            ]
+        )
+        == 2
+    )
     assert "share the image id 'wall_a'" in capsys.readouterr().err
 
 

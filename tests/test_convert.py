@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from drywall_qa.contracts.naming import mask_file_name
+from drywall_qa.contracts.roboflow import ExportFormatError
 from drywall_qa.convert import (
     AccountingError,
     ConversionError,
@@ -19,7 +21,6 @@ from drywall_qa.convert import (
     convert_all,
     rle_counts_from_string,
 )
-from drywall_qa.naming import mask_file_name
 
 # Roboflow's layout: id 0 is a superclass naming the labelled class 1.
 CATEGORIES = [
@@ -81,8 +82,10 @@ def test_coco_polygons_match_hand_computed_pixels(tmp_path):
     write_coco(
         tmp_path / "data/raw/taping/train",
         [("a.png", 8, 6)],
-        [{"image_id": 0, "bbox": [0, 0, 4, 4], "segmentation": [triangle]},
-         {"image_id": 0, "bbox": [5, 1, 2, 3], "segmentation": [rectangle]}],
+        [
+            {"image_id": 0, "bbox": [0, 0, 4, 4], "segmentation": [triangle]},
+            {"image_id": 0, "bbox": [5, 1, 2, 3], "segmentation": [rectangle]},
+        ],
     )
     report = run(tmp_path)
     expected = canvas(6, 8)
@@ -106,8 +109,10 @@ def test_coco_rle_uncompressed_and_compressed(tmp_path):
     write_coco(
         tmp_path / "data/raw/taping/train",
         [("u.png", 8, 6), ("c.png", 8, 6)],
-        [{"image_id": 0, "bbox": [1, 0, 7, 6], "segmentation": uncompressed, "iscrowd": 1},
-         {"image_id": 1, "bbox": [1, 0, 7, 6], "segmentation": compressed, "iscrowd": 1}],
+        [
+            {"image_id": 0, "bbox": [1, 0, 7, 6], "segmentation": uncompressed, "iscrowd": 1},
+            {"image_id": 1, "bbox": [1, 0, 7, 6], "segmentation": compressed, "iscrowd": 1},
+        ],
     )
     report = run(tmp_path)
     np.testing.assert_array_equal(read_mask(tmp_path, "taping", "u", "segment joint/tape"), expected)
@@ -119,8 +124,10 @@ def test_empty_segmentation_falls_back_to_bbox_and_instances_are_unioned(tmp_pat
     write_coco(
         tmp_path / "data/raw/taping/train",
         [("a.png", 8, 6)],
-        [{"image_id": 0, "bbox": [1, 2, 3, 2], "segmentation": []},
-         {"image_id": 0, "bbox": [2, 3, 4, 3], "segmentation": []}],  # overlaps the first
+        [
+            {"image_id": 0, "bbox": [1, 2, 3, 2], "segmentation": []},
+            {"image_id": 0, "bbox": [2, 3, 4, 3], "segmentation": []},
+        ],  # overlaps the first
     )
     report = run(tmp_path)
     expected = canvas(6, 8)
@@ -188,12 +195,18 @@ def test_mask_file_contract_and_images_csv(tmp_path):
         assert set(np.unique(np.array(mask))) == {0, 255}
     with open(tmp_path / "data/interim/images.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert rows == [{
-        "dataset": "taping", "image_id": image_id,
-        "image_path": f"data/raw/taping/valid/{image_id}.jpg",
-        "group": "IMG_1_JPG_jpg", "source_split": "valid",
-        "width": "12", "height": "7", "n_instances": "1",
-    }]
+    assert rows == [
+        {
+            "dataset": "taping",
+            "image_id": image_id,
+            "image_path": f"data/raw/taping/valid/{image_id}.jpg",
+            "group": "IMG_1_JPG_jpg",
+            "source_split": "valid",
+            "width": "12",
+            "height": "7",
+            "n_instances": "1",
+        }
+    ]
 
 
 def test_bad_annotations_are_counted_by_reason(tmp_path):
@@ -217,8 +230,14 @@ def test_bad_annotations_are_counted_by_reason(tmp_path):
     report = run(tmp_path)["datasets"]["taping"]
     skipped = report["annotations"]["skipped_by_reason"]
     assert {reason: n for reason, n in skipped.items() if n} == {
-        "polygon_lt_3_points": 1, "zero_area_box": 1, "unknown_category": 1, "no_pixels": 1,
-        "malformed": 2, "rle_size_mismatch": 1, "unknown_image": 1, "missing_image_file": 1,
+        "polygon_lt_3_points": 1,
+        "zero_area_box": 1,
+        "unknown_category": 1,
+        "no_pixels": 1,
+        "malformed": 2,
+        "rle_size_mismatch": 1,
+        "unknown_image": 1,
+        "missing_image_file": 1,
     }
     assert report["annotations"]["seen"] == 10 and report["annotations"]["converted"] == 1
     assert report["annotations"]["fixes"]["clipped_out_of_bounds"] == 1
@@ -231,8 +250,12 @@ def test_bad_annotations_are_counted_by_reason(tmp_path):
 
 def test_truncated_image_is_a_counted_skip_with_its_name(tmp_path):
     split = tmp_path / "data/raw/taping/test"
-    write_coco(split, [("ok.png", 8, 8), ("cut.jpg", 64, 64)],
-               [{"image_id": 1, "bbox": [0, 0, 4, 4], "segmentation": []}], create_files=False)
+    write_coco(
+        split,
+        [("ok.png", 8, 8), ("cut.jpg", 64, 64)],
+        [{"image_id": 1, "bbox": [0, 0, 4, 4], "segmentation": []}],
+        create_files=False,
+    )
     save_image(split / "ok.png", 8, 8)
     save_image(split / "cut.jpg", 64, 64, fmt="JPEG")
     data = (split / "cut.jpg").read_bytes()
@@ -245,8 +268,11 @@ def test_truncated_image_is_a_counted_skip_with_its_name(tmp_path):
 
 
 def test_image_whose_annotations_all_fail_is_skipped_not_made_negative(tmp_path):
-    write_coco(tmp_path / "data/raw/taping/train", [("a.png", 8, 8), ("b.png", 8, 8)],
-               [{"image_id": 0, "bbox": [0, 0, 0, 1], "segmentation": []}])
+    write_coco(
+        tmp_path / "data/raw/taping/train",
+        [("a.png", 8, 8), ("b.png", 8, 8)],
+        [{"image_id": 0, "bbox": [0, 0, 0, 1], "segmentation": []}],
+    )
     report = run(tmp_path)["datasets"]["taping"]
     assert report["images"]["skipped_by_reason"]["all_annotations_skipped"] == 1
     assert report["images"]["converted"] == 1 and report["images"]["empty_masks"] == 1
@@ -255,8 +281,9 @@ def test_image_whose_annotations_all_fail_is_skipped_not_made_negative(tmp_path)
 
 def test_size_mismatch_is_counted_and_real_size_wins(tmp_path):
     split = tmp_path / "data/raw/taping/train"
-    write_coco(split, [("a.png", 20, 20)], [{"image_id": 0, "bbox": [0, 0, 2, 2], "segmentation": []}],
-               create_files=False)
+    write_coco(
+        split, [("a.png", 20, 20)], [{"image_id": 0, "bbox": [0, 0, 2, 2], "segmentation": []}], create_files=False
+    )
     save_image(split / "a.png", 8, 6)
     report = run(tmp_path)["datasets"]["taping"]
     assert report["images"]["size_mismatch"] == 1
@@ -264,19 +291,30 @@ def test_size_mismatch_is_counted_and_real_size_wins(tmp_path):
 
 
 def test_superclass_is_ignored_whatever_its_name(tmp_path):
-    categories = [{"id": 0, "name": "crack", "supercategory": "none"},
-                  {"id": 1, "name": "NewCracks - v2 2024-05-18 10-54pm", "supercategory": "crack"}]
-    write_coco(tmp_path / "data/raw/cracks/valid", [("a.png", 8, 8)],
-               [{"image_id": 0, "bbox": [0, 0, 2, 2], "segmentation": []},
-                {"image_id": 0, "bbox": [0, 0, 2, 2], "segmentation": [], "category_id": 0}],
-               categories=categories)
+    categories = [
+        {"id": 0, "name": "crack", "supercategory": "none"},
+        {"id": 1, "name": "NewCracks - v2 2024-05-18 10-54pm", "supercategory": "crack"},
+    ]
+    write_coco(
+        tmp_path / "data/raw/cracks/valid",
+        [("a.png", 8, 8)],
+        [
+            {"image_id": 0, "bbox": [0, 0, 2, 2], "segmentation": []},
+            {"image_id": 0, "bbox": [0, 0, 2, 2], "segmentation": [], "category_id": 0},
+        ],
+        categories=categories,
+    )
     report = run(tmp_path, {"cracks": ["segment crack"]})["datasets"]["cracks"]
     # An annotated id 0 is no longer a *pure* superclass, so it is used too.
     assert report["categories_used"] == {"0": "crack", "1": "NewCracks - v2 2024-05-18 10-54pm"}
     assert report["annotations"]["converted"] == 2
 
-    write_coco(tmp_path / "data/raw/cracks/valid", [("a.png", 8, 8)],
-               [{"image_id": 0, "bbox": [0, 0, 2, 2], "segmentation": []}], categories=categories)
+    write_coco(
+        tmp_path / "data/raw/cracks/valid",
+        [("a.png", 8, 8)],
+        [{"image_id": 0, "bbox": [0, 0, 2, 2], "segmentation": []}],
+        categories=categories,
+    )
     report = run(tmp_path, {"cracks": ["segment crack"]})["datasets"]["cracks"]
     assert report["superclasses_ignored"] == {"0": "crack"}
     assert report["categories_used"] == {"1": "NewCracks - v2 2024-05-18 10-54pm"}
@@ -302,15 +340,19 @@ def test_malformed_yolo_yaml_names_file_and_line(tmp_path):
 
 
 def test_missing_dataset_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(ConversionError, match="does not exist"):
+    with pytest.raises(ExportFormatError, match="does not exist"):
         run(tmp_path)
 
 
 def test_duplicate_image_id_identical_bytes_skipped_different_bytes_error(tmp_path):
     raw = tmp_path / "data/raw/taping"
     write_coco(raw / "train", [("a.png", 8, 8)], [{"image_id": 0, "bbox": [0, 0, 2, 2], "segmentation": []}])
-    write_coco(raw / "valid", [("a.png", 8, 8)], [{"image_id": 0, "bbox": [4, 4, 2, 2], "segmentation": []}],
-               create_files=False)
+    write_coco(
+        raw / "valid",
+        [("a.png", 8, 8)],
+        [{"image_id": 0, "bbox": [4, 4, 2, 2], "segmentation": []}],
+        create_files=False,
+    )
     (raw / "valid/a.png").write_bytes((raw / "train/a.png").read_bytes())
     report = run(tmp_path)["datasets"]["taping"]
     assert report["images"]["skipped_by_reason"]["duplicate_image_id"] == 1
@@ -325,8 +367,11 @@ def test_duplicate_image_id_identical_bytes_skipped_different_bytes_error(tmp_pa
 
 
 def test_failed_run_keeps_previous_masks_and_leaves_no_temp_dirs(tmp_path):
-    write_coco(tmp_path / "data/raw/taping/train", [("a.png", 8, 8)],
-               [{"image_id": 0, "bbox": [0, 0, 2, 2], "segmentation": []}])
+    write_coco(
+        tmp_path / "data/raw/taping/train",
+        [("a.png", 8, 8)],
+        [{"image_id": 0, "bbox": [0, 0, 2, 2], "segmentation": []}],
+    )
     run(tmp_path)
     before = sorted(p.name for p in (tmp_path / "data/masks/taping").iterdir())
     (tmp_path / "data/raw/taping/train/_annotations.coco.json").write_text("{")
@@ -339,9 +384,14 @@ def test_failed_run_keeps_previous_masks_and_leaves_no_temp_dirs(tmp_path):
 
 
 def test_accounting_invariant_holds_and_is_enforced(tmp_path):
-    write_coco(tmp_path / "data/raw/taping/train", [("a.png", 8, 8), ("b.png", 8, 8)],
-               [{"image_id": 0, "bbox": [0, 0, 2, 2], "segmentation": []},
-                {"image_id": 0, "bbox": [0, 0, 0, 2], "segmentation": []}])
+    write_coco(
+        tmp_path / "data/raw/taping/train",
+        [("a.png", 8, 8), ("b.png", 8, 8)],
+        [
+            {"image_id": 0, "bbox": [0, 0, 2, 2], "segmentation": []},
+            {"image_id": 0, "bbox": [0, 0, 0, 2], "segmentation": []},
+        ],
+    )
     report = run(tmp_path)
     taping = report["datasets"]["taping"]
     annotations = taping["annotations"]

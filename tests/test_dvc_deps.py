@@ -14,18 +14,25 @@ PACKAGE = REPO / "src" / "drywall_qa"
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
 
+def module_file(name: str) -> Path | None:
+    """`contracts.paths` -> src/drywall_qa/contracts/paths.py (None for a package or a non-module)."""
+    path = PACKAGE.joinpath(*name.split(".")).with_suffix(".py")
+    return path if path.is_file() else None
+
+
 def imported_modules(path: Path) -> set[str]:
-    """`drywall_qa` modules imported anywhere in `path` (also inside functions)."""
+    """`drywall_qa` modules (dotted below the package) imported anywhere in `path`, also inside functions."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            if node.module == "drywall_qa":
-                found.update(alias.name for alias in node.names)
-            elif node.module.startswith("drywall_qa."):
-                found.add(node.module.split(".")[1])
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "drywall_qa":
+            package = node.module.removeprefix("drywall_qa").removeprefix(".")
+            found.add(package)
+            found.update(f"{package}.{alias.name}".lstrip(".") for alias in node.names)  # `from pkg import module`
         elif isinstance(node, ast.Import):
-            found.update(alias.name.split(".")[1] for alias in node.names if alias.name.startswith("drywall_qa."))
-    return {name for name in found if (PACKAGE / f"{name}.py").is_file()}
+            found.update(
+                alias.name.removeprefix("drywall_qa.") for alias in node.names if alias.name.startswith("drywall_qa.")
+            )
+    return {name for name in found if module_file(name)}
 
 
 def reached_modules(entry: Path) -> set[str]:
@@ -35,8 +42,13 @@ def reached_modules(entry: Path) -> set[str]:
         name = pending.pop()
         if name not in seen:
             seen.add(name)
-            pending |= imported_modules(PACKAGE / f"{name}.py") - seen
+            pending |= imported_modules(module_file(name)) - seen
     return seen
+
+
+def covered(path: str, deps: set[str]) -> bool:
+    """A dep names the file itself or a folder above it."""
+    return any(path == dep or path.startswith(dep.rstrip("/") + "/") for dep in deps)
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
@@ -44,11 +56,33 @@ def test_every_module_a_stage_runs_is_a_dependency(stage):
     entry = REPO / "stages" / f"{stage}.py"
     deps = set(STAGES[stage].get("deps", []))
     assert f"stages/{stage}.py" in deps
-    missing = sorted(f"src/drywall_qa/{name}.py" for name in reached_modules(entry)
-                     if f"src/drywall_qa/{name}.py" not in deps)
+    files = (module_file(name).relative_to(REPO).as_posix() for name in reached_modules(entry))
+    missing = sorted(path for path in files if not covered(path, deps))
     assert missing == [], f"dvc.yaml stage {stage!r} lacks deps {missing}"
 
 
 def test_the_import_walk_sees_imports_inside_functions():
     assert "inference" in imported_modules(PACKAGE / "evaluate.py")  # imported inside run_evaluation
     assert {"model", "inference", "data"} <= reached_modules(REPO / "stages" / "train.py")
+    assert "contracts.paths" in imported_modules(
+        REPO / "stages" / "train.py"
+    )  # `from drywall_qa.contracts import paths`
+
+
+def test_a_folder_dep_covers_the_modules_below_it_only():
+    assert covered("src/drywall_qa/contracts/masks.py", {"src/drywall_qa/contracts"})
+    assert not covered("src/drywall_qa/contracts_extra.py", {"src/drywall_qa/contracts"})
+
+
+def test_every_pipeline_path_is_declared_by_dvc_yaml_and_every_declared_output_is_a_contract_path():
+    from drywall_qa.contracts import paths
+
+    declared = set()
+    for stage in STAGES.values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                declared.add(entry if isinstance(entry, str) else next(iter(entry)))
+    contract = {value for name, value in vars(paths).items() if name.isupper()}
+    assert declared <= contract, f"dvc.yaml outputs not in contracts.paths: {sorted(declared - contract)}"
+    produced = contract - {paths.ACTIVATION_CACHE, paths.BEST_CHECKPOINT, paths.REPORT, paths.SOURCE_RECORD}
+    assert produced <= declared, f"contracts.paths not declared as outputs in dvc.yaml: {sorted(produced - declared)}"

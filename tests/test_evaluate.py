@@ -7,17 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from drywall_qa.evaluate import (
-    EvaluationError,
-    add_zero_shot,
-    choose_thresholds,
-    evaluate_predictions,
-    measure_runtime,
-    read_manifest,
-    write_outputs,
-)
+from drywall_qa.contracts.manifest import ManifestError, image_records, read_manifest
+from drywall_qa.contracts.naming import mask_file_name
+from drywall_qa.evaluate import EvaluationError, add_zero_shot, choose_thresholds, evaluate_predictions, write_outputs
 from drywall_qa.metrics import Counts
-from drywall_qa.naming import mask_file_name
+from drywall_qa.runtime import measure_runtime
 
 W, H = 8, 6
 PROMPTS = {"cracks": ["segment crack"], "taping": ["segment taping area", "segment joint/tape"]}
@@ -62,8 +56,11 @@ def dataset(tmp_path):
         ("taping", "test", "t_test", 21),
     ]
     gts = {
-        "c_val": region(0, 2), "c_test": region(0, 4), "c_empty": np.zeros((H, W), bool),
-        "t_val": region(4, 8), "t_test": region(2, 6),
+        "c_val": region(0, 2),
+        "c_test": region(0, 4),
+        "c_empty": np.zeros((H, W), bool),
+        "t_val": region(4, 8),
+        "t_test": region(2, 6),
     }
     for dataset_name, split, image_id, colour in specs:
         image_path = tmp_path / "raw" / dataset_name / f"{image_id}.png"  # lossless: the colour is the key
@@ -75,10 +72,16 @@ def dataset(tmp_path):
             Image.fromarray(gts[image_id].astype(np.uint8) * 255, mode="L").save(mask_path)
             rows.append(
                 {
-                    "dataset": dataset_name, "split": split, "image_id": image_id,
+                    "dataset": dataset_name,
+                    "split": split,
+                    "image_id": image_id,
                     "image_path": image_path.relative_to(tmp_path).as_posix(),
                     "mask_path": mask_path.relative_to(tmp_path).as_posix(),
-                    "prompt": prompt, "group": image_id, "width": W, "height": H, "source_split": "train",
+                    "prompt": prompt,
+                    "group": image_id,
+                    "width": W,
+                    "height": H,
+                    "source_split": "train",
                 }
             )
     # cracks: GT pixels 0.75, a band of background at 0.65 (false positives below 0.7), rest 0.05
@@ -97,12 +100,13 @@ def dataset(tmp_path):
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    return tmp_path, read_manifest(manifest_path), model, gts
+    rows = read_manifest(manifest_path)
+    return tmp_path, (image_records(rows, "val", tmp_path), image_records(rows, "test", tmp_path)), model, gts
 
 
 def test_thresholds_are_chosen_on_val_and_applied_to_test(dataset):
     root, manifest, model, _ = dataset
-    result = evaluate_predictions(model, manifest, ALL_PROMPTS, THRESHOLDS, root / "pred", root, chunk_size=2)
+    result = evaluate_predictions(model, *manifest, ALL_PROMPTS, THRESHOLDS, root / "pred", chunk_size=2)
     assert result.thresholds == {"segment crack": 0.7, "segment taping area": 0.3, "segment joint/tape": 0.3}
     m = result.metrics
     assert m["threshold.segment_crack"] == 0.7 and m["threshold.segment_joint-tape"] == 0.3
@@ -124,9 +128,9 @@ def test_thresholds_are_chosen_on_val_and_applied_to_test(dataset):
 
 
 def test_test_scores_use_the_chosen_threshold_not_0_5(dataset):
-    root, manifest, model, gts = dataset
+    _root, manifest, model, gts = dataset
     # c_test's 0.65 band is below 0.7 but above 0.5: a 0.5 threshold would score IoU 4/6
-    result = evaluate_predictions(model, manifest, ALL_PROMPTS, THRESHOLDS, None, root)
+    result = evaluate_predictions(model, *manifest, ALL_PROMPTS, THRESHOLDS, None)
     rows = {(r["image_id"], r["prompt"]): r for r in result.per_image}
     assert rows[("c_test", "segment crack")]["iou"] == pytest.approx(1.0)
     assert rows[("c_test", "segment crack")]["gt_fg_fraction"] == pytest.approx(gts["c_test"].mean())
@@ -135,7 +139,7 @@ def test_test_scores_use_the_chosen_threshold_not_0_5(dataset):
 
 def test_prediction_files_follow_the_mask_contract(dataset):
     root, manifest, model, _ = dataset
-    result = evaluate_predictions(model, manifest, ALL_PROMPTS, THRESHOLDS, root / "pred", root)
+    result = evaluate_predictions(model, *manifest, ALL_PROMPTS, THRESHOLDS, root / "pred")
     expected = {
         f"{dataset_name}/{mask_file_name(image_id, prompt)}"
         for dataset_name, image_id in (("cracks", "c_test"), ("cracks", "c_empty"), ("taping", "t_test"))
@@ -154,15 +158,25 @@ def test_prediction_files_follow_the_mask_contract(dataset):
 
 
 def test_outputs_are_flat_json_and_tables(dataset, tmp_path):
-    root, manifest, model, _ = dataset
-    result = evaluate_predictions(model, manifest, ALL_PROMPTS, THRESHOLDS, None, root)
+    _root, manifest, model, _ = dataset
+    result = evaluate_predictions(model, *manifest, ALL_PROMPTS, THRESHOLDS, None)
     zero = FakeModel()  # predicts nothing: IoU 1 on the empty-GT image only
-    add_zero_shot(result, zero, manifest, root)
+    add_zero_shot(result, zero, manifest[1])
     write_outputs(result, tmp_path / "metrics" / "eval.json", tmp_path / "plots")
     metrics = json.loads((tmp_path / "metrics" / "eval.json").read_text())
     assert all(not isinstance(v, dict) for v in metrics.values())
-    for key in ("test.miou", "test.dice", "test.cracks.iou_dataset", "test.segment_crack.miou", "threshold.segment_crack",
-                "zero_shot.test.miou", "val.segment_crack.miou", "test.precision", "test.recall", "test.pixel_accuracy"):
+    for key in (
+        "test.miou",
+        "test.dice",
+        "test.cracks.iou_dataset",
+        "test.segment_crack.miou",
+        "threshold.segment_crack",
+        "zero_shot.test.miou",
+        "val.segment_crack.miou",
+        "test.precision",
+        "test.recall",
+        "test.pixel_accuracy",
+    ):
         assert key in metrics, key
     assert metrics["zero_shot.test.miou"] == pytest.approx(1 / 4)
     assert metrics["zero_shot.test.segment_crack.miou"] == pytest.approx(1 / 2)
@@ -172,7 +186,15 @@ def test_outputs_are_flat_json_and_tables(dataset, tmp_path):
     assert float(per_prompt["segment crack"]["threshold"]) == 0.7
     with open(tmp_path / "plots" / "eval_per_image.csv") as handle:
         reader = csv.DictReader(handle)
-        assert reader.fieldnames == ["image_id", "dataset", "prompt", "iou", "dice", "gt_fg_fraction", "pred_fg_fraction"]
+        assert reader.fieldnames == [
+            "image_id",
+            "dataset",
+            "prompt",
+            "iou",
+            "dice",
+            "gt_fg_fraction",
+            "pred_fg_fraction",
+        ]
         assert len(list(reader)) == 4
     with open(tmp_path / "plots" / "threshold_sweep.csv") as handle:
         reader = csv.DictReader(handle)
@@ -187,39 +209,39 @@ def test_flat_val_curve_picks_the_threshold_closest_to_0_5():
 
 
 def test_missing_mask_is_named(dataset):
-    root, manifest, model, _ = dataset
-    missing = root / manifest.loc[manifest["image_id"] == "c_test", "mask_path"].iloc[0]
-    missing.unlink()
-    with pytest.raises(EvaluationError, match="c_test__segment_crack.png does not exist"):
-        evaluate_predictions(model, manifest, ALL_PROMPTS, THRESHOLDS, None, root)
+    _root, manifest, model, _ = dataset
+    (c_test,) = [image for image in manifest[1] if image.image_id == "c_test"]
+    c_test.mask_paths["segment crack"].unlink()
+    with pytest.raises(ManifestError, match="c_test__segment_crack.png does not exist"):
+        evaluate_predictions(model, *manifest, ALL_PROMPTS, THRESHOLDS, None)
 
 
 def test_mask_outside_the_contract_is_rejected(dataset):
-    root, manifest, model, _ = dataset
-    path = root / manifest.loc[manifest["image_id"] == "c_val", "mask_path"].iloc[0]
-    Image.fromarray(np.full((H, W), 1, np.uint8), mode="L").save(path)
-    with pytest.raises(EvaluationError, match="values other than 0 and 255"):
-        evaluate_predictions(model, manifest, ALL_PROMPTS, THRESHOLDS, None, root)
+    _root, manifest, model, _ = dataset
+    (c_val,) = [image for image in manifest[0] if image.image_id == "c_val"]
+    Image.fromarray(np.full((H, W), 1, np.uint8), mode="L").save(c_val.mask_paths["segment crack"])
+    with pytest.raises(ManifestError, match=r"has values \[1\], expected only 0 and 255"):
+        evaluate_predictions(model, *manifest, ALL_PROMPTS, THRESHOLDS, None)
 
 
 def test_wrong_model_output_shape_is_an_error(dataset):
-    root, manifest, _, _ = dataset
+    _root, manifest, _, _ = dataset
 
     def half_size(images, prompts):
         return [np.zeros((len(prompts), H // 2, W // 2), np.float32) for _ in images]
 
     with pytest.raises(EvaluationError, match="expected"):
-        evaluate_predictions(half_size, manifest, ALL_PROMPTS, THRESHOLDS, None, root)
+        evaluate_predictions(half_size, *manifest, ALL_PROMPTS, THRESHOLDS, None)
 
 
 def test_prompt_missing_from_params_is_an_error(dataset):
-    root, manifest, model, _ = dataset
+    _root, manifest, model, _ = dataset
     with pytest.raises(EvaluationError, match="not in params.yaml"):
-        evaluate_predictions(model, manifest, ["segment crack"], THRESHOLDS, None, root)
+        evaluate_predictions(model, *manifest, ["segment crack"], THRESHOLDS, None)
 
 
 def test_missing_manifest_names_the_stage(tmp_path):
-    with pytest.raises(EvaluationError, match="run the `split` stage"):
+    with pytest.raises(ManifestError, match="run the split stage"):
         read_manifest(tmp_path / "manifest.csv")
 
 
@@ -235,7 +257,7 @@ def test_runtime_warms_up_then_times_each_image_and_a_batch():
 def test_run_evaluation_with_a_tiny_model(dataset, tmp_path):
     """The stage's library entry point end to end with a tiny, randomly initialised CLIPSeg."""
     torch = pytest.importorskip("torch")
-    from drywall_qa.evaluate import run_evaluation
+    from drywall_qa.evaluate import EvaluateSettings, run_evaluation
     from drywall_qa.model import build_model
 
     torch.set_num_threads(1)
@@ -247,10 +269,16 @@ def test_run_evaluation_with_a_tiny_model(dataset, tmp_path):
     (root / "pred").mkdir()
     (root / "pred" / "stale.png").write_bytes(b"old run")  # replaced, not merged
     result = run_evaluation(
-        model_dir=root / "model", manifest_path=root / "manifest.csv",
-        prompts=PROMPTS, model_params=model_params, thresholds=THRESHOLDS, batch_size=2, zero_shot=True,
-        timing_images=2, seed=0, predictions_dir=root / "pred", metrics_path=root / "eval.json",
-        plots_dir=root / "plots", repo_root=root, device="cpu",
+        model_dir=root / "model",
+        manifest_path=root / "manifest.csv",
+        settings=EvaluateSettings(
+            PROMPTS, model_params, tuple(THRESHOLDS), batch_size=2, zero_shot=True, timing_images=2, seed=0
+        ),
+        predictions_dir=root / "pred",
+        metrics_path=root / "eval.json",
+        plots_dir=root / "plots",
+        repo_root=root,
+        device="cpu",
     )
     metrics = json.loads((root / "eval.json").read_text())
     assert metrics == pytest.approx({k: round(v, 6) if isinstance(v, float) else v for k, v in result.metrics.items()})
@@ -267,12 +295,18 @@ def test_run_evaluation_with_a_tiny_model(dataset, tmp_path):
 
 
 def test_run_evaluation_names_a_missing_model(dataset):
-    from drywall_qa.evaluate import run_evaluation
+    from drywall_qa.evaluate import EvaluateSettings, run_evaluation
 
     root, _, _, _ = dataset
     with pytest.raises(EvaluationError, match="run the `train` stage"):
         run_evaluation(
-            model_dir=root / "nope", manifest_path=root / "manifest.csv", prompts=PROMPTS, model_params={},
-            thresholds=THRESHOLDS, batch_size=2, zero_shot=False, timing_images=1, seed=0,
-            predictions_dir=root / "pred", metrics_path=root / "eval.json", plots_dir=root / "plots", repo_root=root,
+            model_dir=root / "nope",
+            manifest_path=root / "manifest.csv",
+            settings=EvaluateSettings(
+                PROMPTS, {}, tuple(THRESHOLDS), batch_size=2, zero_shot=False, timing_images=1, seed=0
+            ),
+            predictions_dir=root / "pred",
+            metrics_path=root / "eval.json",
+            plots_dir=root / "plots",
+            repo_root=root,
         )

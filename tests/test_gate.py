@@ -4,7 +4,6 @@ import json
 import shutil
 import subprocess
 import sys
-
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,14 @@ import yaml
 from drywall_qa.gate import GateError, compare, gate, main, run_metrics_diff, split_metrics_diff
 
 PATTERNS = ["test.*miou", "test.*dice"]
-BASELINE = {"test.miou": 0.60, "test.dice": 0.70, "test.cracks.miou": 0.50, "test.cracks.iou_dataset": 0.9,
-            "runtime.ms_per_image_1_prompt": 20.0, "runtime.device": "cpu"}
+BASELINE = {
+    "test.miou": 0.60,
+    "test.dice": 0.70,
+    "test.cracks.miou": 0.50,
+    "test.cracks.iou_dataset": 0.9,
+    "runtime.ms_per_image_1_prompt": 20.0,
+    "runtime.device": "cpu",
+}
 
 
 def test_equal_metrics_pass():
@@ -62,9 +67,9 @@ def test_gate_on_a_real_dvc_repo(tmp_path, monkeypatch, capsys):
     _git(repo, "config", "user.email", "ci@example.com")
     _git(repo, "config", "user.name", "ci")
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True, capture_output=True)
-    (repo / "dvc.yaml").write_text(yaml.safe_dump(
-        {"stages": {"evaluate": {"cmd": "true", "metrics": [{"metrics/eval.json": {"cache": False}}]}}}
-    ))
+    (repo / "dvc.yaml").write_text(
+        yaml.safe_dump({"stages": {"evaluate": {"cmd": "true", "metrics": [{"metrics/eval.json": {"cache": False}}]}}})
+    )
     project = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
     project["gate"] = {"metrics_file": "metrics/eval.json", "keys": PATTERNS, "tolerance": 0.02}
     (repo / "params.yaml").write_text(yaml.safe_dump(project))

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torchmetrics.functional.classification import binary_accuracy, binary_f1_score, binary_jaccard_index
 
-from drywall_qa.metrics import Counts, binarize, confusion_counts, dice, iou, precision, recall, summarize, threshold_counts
+from drywall_qa.contracts.masks import binarize
+from drywall_qa.metrics import Counts, confusion_counts, dice, iou, precision, recall, summarize, threshold_counts
 
 
 def masks(*rows: str) -> np.ndarray:
@@ -92,8 +93,12 @@ def test_cross_check_with_torchmetrics():
     def tm(fn, p, g):
         return float(fn(torch.from_numpy(p).int(), torch.from_numpy(g).int()))
 
-    assert summary["miou"] == pytest.approx(np.mean([tm(binary_jaccard_index, p, g) for p, g in zip(preds, gts)]))
-    assert summary["dice"] == pytest.approx(np.mean([tm(binary_f1_score, p, g) for p, g in zip(preds, gts)]))
+    assert summary["miou"] == pytest.approx(
+        np.mean([tm(binary_jaccard_index, p, g) for p, g in zip(preds, gts, strict=True)])
+    )
+    assert summary["dice"] == pytest.approx(
+        np.mean([tm(binary_f1_score, p, g) for p, g in zip(preds, gts, strict=True)])
+    )
     all_pred, all_gt = np.concatenate([p.ravel() for p in preds]), np.concatenate([g.ravel() for g in gts])
     assert summary["iou_dataset"] == pytest.approx(tm(binary_jaccard_index, all_pred, all_gt))
     assert summary["dice_dataset"] == pytest.approx(tm(binary_f1_score, all_pred, all_gt))

@@ -45,12 +45,28 @@ def save_foreign_checkpoint(folder) -> CLIPSegForImageSegmentation:
     torch.manual_seed(1)
     tokenizer = build_tokenizer(PROMPTS)
     config = CLIPSegConfig(
-        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
-                     "num_hidden_layers": 1, "num_attention_heads": 2, "bos_token_id": tokenizer.bos_token_id,
-                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
-                       "num_attention_heads": 2, "patch_size": 16, "image_size": 64},
-        projection_dim=16, extract_layers=[0, 1], reduce_dim=16, decoder_intermediate_size=32,
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "patch_size": 16,
+            "image_size": 64,
+        },
+        projection_dim=16,
+        extract_layers=[0, 1],
+        reduce_dim=16,
+        decoder_intermediate_size=32,
     )
     model = CLIPSegForImageSegmentation(config)
     model.save_pretrained(folder)
@@ -137,7 +153,9 @@ def test_scratch_decoder_starts_with_moderate_logits():
     model, processor = tiny()
     input_ids, attention_mask = tokenize_prompts(processor, PROMPTS[:1])
     with torch.no_grad():
-        logits = decode(model, encode_images(model, torch.randn(1, 3, 64, 64)), encode_prompts(model, input_ids, attention_mask))
+        logits = decode(
+            model, encode_images(model, torch.randn(1, 3, 64, 64)), encode_prompts(model, input_ids, attention_mask)
+        )
     # HF's own init of the decoder (std 1.0) starts at |logits| ~ 1000; training could not recover quickly.
     assert logits.abs().max() < 20
 
@@ -177,8 +195,9 @@ def test_chunked_decoding_gives_the_logits_of_one_decoder_call():
         conditional = encode_prompts(model, input_ids, attention_mask).repeat(3, 1)
         whole = decode(model, pairs, conditional, chunk_pairs=None)
         for chunk_pairs in (1, 4, 7, 100):
-            torch.testing.assert_close(decode(model, pairs, conditional, chunk_pairs=chunk_pairs), whole,
-                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                decode(model, pairs, conditional, chunk_pairs=chunk_pairs), whole, atol=1e-5, rtol=1e-5
+            )
     assert whole.shape == (3 * len(PROMPTS), 64, 64)
 
 
@@ -230,8 +249,11 @@ def test_predict_probs_returns_probabilities_at_each_original_size():
         model.eval()
         input_ids, attention_mask = tokenize_prompts(processor, PROMPTS[:2])
         activations = encode_images(model, pixel_values_for(processor, images[:1]))
-        logits = decode(model, pair_activations(activations, torch.zeros(2, dtype=torch.long)),
-                        encode_prompts(model, input_ids, attention_mask))
+        logits = decode(
+            model,
+            pair_activations(activations, torch.zeros(2, dtype=torch.long)),
+            encode_prompts(model, input_ids, attention_mask),
+        )
         expected = torch.sigmoid(resize_logits(logits, (40, 50))).numpy()
     np.testing.assert_allclose(probs[0], expected, atol=1e-5)
 

@@ -24,8 +24,9 @@ print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(),
 
 def run_probe(mode: str) -> dict:
     environment = {k: v for k, v in os.environ.items() if k not in PORTABLE_ENVIRONMENT}
-    result = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, env=environment,
-                            check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, mode], capture_output=True, text=True, env=environment, check=True
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -57,12 +58,18 @@ def test_stages_make_idle_openmp_threads_sleep_unless_the_user_chose():
     import subprocess
     import sys
 
-    code = ("import os; from drywall_qa.numerics import configure_cpu_numerics; "
-            "configure_cpu_numerics('{mode}'); print(os.environ.get('OMP_WAIT_POLICY'))")
+    code = (
+        "import os; from drywall_qa.numerics import configure_cpu_numerics; "
+        "configure_cpu_numerics('{mode}'); print(os.environ.get('OMP_WAIT_POLICY'))"
+    )
     env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
     for mode in ("native", "portable"):
         out = subprocess.run([sys.executable, "-c", code.format(mode=mode)], env=env, capture_output=True, text=True)
         assert out.stdout.strip() == "PASSIVE", out.stderr
-    chosen = subprocess.run([sys.executable, "-c", code.format(mode="native")], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
-                            capture_output=True, text=True)
+    chosen = subprocess.run(
+        [sys.executable, "-c", code.format(mode="native")],
+        env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+        capture_output=True,
+        text=True,
+    )
     assert chosen.stdout.strip() == "ACTIVE"

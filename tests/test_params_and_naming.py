@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from drywall_qa.naming import mask_file_name, prompt_slug, source_group
 from pathlib import Path
 
 import pytest
 
-from drywall_qa.params import ParamsError, flatten, load_params, load_stage_params
-
+from drywall_qa.contracts.naming import mask_file_name, prompt_slug, source_group
+from drywall_qa.params import ParamsError, flatten, load_params
+from drywall_qa.stage import run_stage, select_params
 
 PROJECT_PARAMS = Path(__file__).parents[1] / "params.yaml"
 
@@ -28,30 +28,57 @@ def test_lr_written_by_dvc_exp_set_is_a_float(tmp_path):
     assert isinstance(params["train"]["weight_decay"], float) and params["train"]["epochs"] == 36
 
 
-@pytest.mark.parametrize(("old", "new", "message"), [
-    ("lr: 5.0e-4", "lr: abc", "params.yaml: lr must be a number, got 'abc'"),
-    ("  epochs: 36", "  epochs: 2.5", "train.epochs must be an integer, got 2.5"),
-    ("  batch_size: 8\n  weight_decay", "  batch_size: 0\n  weight_decay", "train.batch_size must be greater than 0, got 0"),
-    ("  mode: resize", "  mode: tiles", "inference.mode must be 'resize', 'whole' or 'sliding', got 'tiles'"),
-    ("  source: synthetic", "  source: s3", "data.source must be 'synthetic', 'roboflow' or 'local', got 's3'"),
-    ("  val: 0.15", "  val: 0.25", "split: split fractions must sum to 1, got 0.7 + 0.25 + 0.15"),
-    ("  augment: true", "  augment: maybe", "train.augment must be true or false, got 'maybe'"),
-    ("seed: 42", "seed: 42\nsede: 1", "sede is not a known parameter"),
-    ("  thresholds: [0.1,", "  thresholds: [1.5, 0.1,", "evaluate.thresholds.0 must be less than 1, got 1.5"),
-    ("  crop_foreground_prob: 0.7", "  crop_foreground_prob: 7", "train.crop_foreground_prob must be less than or equal to 1, got 7"),
-])
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("lr: 5.0e-4", "lr: abc", "params.yaml: lr must be a number, got 'abc'"),
+        ("  epochs: 36", "  epochs: 2.5", "train.epochs must be an integer, got 2.5"),
+        (
+            "  batch_size: 8\n  weight_decay",
+            "  batch_size: 0\n  weight_decay",
+            "train.batch_size must be greater than 0, got 0",
+        ),
+        ("  mode: resize", "  mode: tiles", "inference.mode must be 'resize', 'whole' or 'sliding', got 'tiles'"),
+        ("  source: synthetic", "  source: s3", "data.source must be 'synthetic', 'roboflow' or 'local', got 's3'"),
+        ("  val: 0.15", "  val: 0.25", "split: split fractions must sum to 1, got 0.7 + 0.25 + 0.15"),
+        ("  augment: true", "  augment: maybe", "train.augment must be true or false, got 'maybe'"),
+        ("seed: 42", "seed: 42\nsede: 1", "sede is not a known parameter"),
+        ("  thresholds: [0.1,", "  thresholds: [1.5, 0.1,", "evaluate.thresholds.0 must be less than 1, got 1.5"),
+        (
+            "  crop_foreground_prob: 0.7",
+            "  crop_foreground_prob: 7",
+            "train.crop_foreground_prob must be less than or equal to 1, got 7",
+        ),
+    ],
+)
 def test_bad_params_are_refused_at_load_naming_the_key(tmp_path, old, new, message):
     with pytest.raises(ParamsError) as error:
         load_params(params_with(tmp_path, old, new))
     assert message in str(error.value)
 
 
-def test_a_stage_with_bad_params_exits_with_one_line(tmp_path, monkeypatch, capsys):
+def test_a_stage_with_bad_params_exits_with_one_line_before_its_body_runs(tmp_path, capsys):
     path = params_with(tmp_path, "lr: 5.0e-4", "lr: abc")
-    with pytest.raises(SystemExit) as stopped:
-        load_stage_params("train", path)
-    assert stopped.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines() == [f"train: {path}: lr must be a number, got 'abc'"]
+    ran = []
+    assert run_stage("train", ran.append, params_path=path, dvc_yaml="dvc.yaml") == 1
+    assert ran == [] and capsys.readouterr().err.strip().splitlines() == [
+        f"train: {path}: lr must be a number, got 'abc'"
+    ]
+
+
+def test_a_stage_gets_exactly_the_params_dvc_yaml_declares_for_it():
+    seen = {}
+    assert run_stage("register", lambda stage: seen.update(stage.params)) == 0
+    params = load_params("params.yaml")
+    assert seen == {
+        "prompts": params["prompts"],
+        "model": params["model"],
+        "gate": params["gate"],
+        "mlflow": {"registered_model": params["mlflow"]["registered_model"]},
+    }
+    assert select_params({"a": {"b": 1, "c": 2}, "d": 3}, ["a.c"]) == {"a": {"c": 2}}
+    with pytest.raises(ParamsError, match="declares param 'a.x'"):
+        select_params({"a": {"b": 1}}, ["a.x"])
 
 
 def test_project_params_have_the_brief_prompts_and_split():

@@ -24,8 +24,10 @@ from drywall_qa.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 REALDATA = REPO.parent / "shared" / "realdata"
-PROMPTS = {"cracks": ["segment crack", "segment wall crack"],
-           "taping": ["segment taping area", "segment joint/tape", "segment drywall seam"]}
+PROMPTS = {
+    "cracks": ["segment crack", "segment wall crack"],
+    "taping": ["segment taping area", "segment joint/tape", "segment drywall seam"],
+}
 FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}
 SLICE = 40  # images per dataset: a few seconds, yet several augmented copies per taping source image
 
@@ -35,7 +37,10 @@ def local_params(limit: int) -> dict:
     return {
         "source": "local",
         "local": {
-            "datasets": {"cracks": "../shared/realdata/cracks-3ii36", "taping": "../shared/realdata/drywall-join-detect"},
+            "datasets": {
+                "cracks": "../shared/realdata/cracks-3ii36",
+                "taping": "../shared/realdata/drywall-join-detect",
+            },
             "max_image_pixels": 50_000_000,
             "limit_per_dataset": limit,
         },
@@ -49,10 +54,23 @@ def real_slice(tmp_path_factory) -> Path:
         pytest.skip(f"real Roboflow exports not found at {REALDATA}")
     root = tmp_path_factory.mktemp("real")
     fetch_raw_data(local_params(SLICE), seed=42, raw_dir=root / "data/raw", repo_root=REPO)
-    convert_all(root / "data/raw", PROMPTS, root / "data/masks", root / "data/interim/images.csv",
-                root / "metrics/conversion.json", repo_root=root)
-    write_split(root / "data/interim/images.csv", PROMPTS, FRACTIONS, 42, root / "data/manifest.csv",
-                root / "metrics/split.json", repo_root=root)
+    convert_all(
+        root / "data/raw",
+        PROMPTS,
+        root / "data/masks",
+        root / "data/interim/images.csv",
+        root / "metrics/conversion.json",
+        repo_root=root,
+    )
+    write_split(
+        root / "data/interim/images.csv",
+        PROMPTS,
+        FRACTIONS,
+        42,
+        root / "data/manifest.csv",
+        root / "metrics/split.json",
+        repo_root=root,
+    )
     return root
 
 
@@ -69,8 +87,11 @@ def test_local_import_keeps_the_exports_as_roboflow_wrote_them(real_slice):
         assert record["format"] == "coco" and record["images"] == SLICE
         copied = coco_documents(real_slice / "data/raw" / name)
         assert sum(len(doc["images"]) for doc in copied.values()) == SLICE
-        assert all((real_slice / "data/raw" / name / split / image["file_name"]).is_file()
-                   for split, doc in copied.items() for image in doc["images"])
+        assert all(
+            (real_slice / "data/raw" / name / split / image["file_name"]).is_file()
+            for split, doc in copied.items()
+            for image in doc["images"]
+        )
     # cracks-3ii36 was exported without a train folder; the import does not invent one.
     assert set(coco_documents(real_slice / "data/raw/cracks")) <= {"valid", "test"}
     assert "train" in coco_documents(real_slice / "data/raw/taping")
@@ -128,8 +149,9 @@ def test_the_split_keeps_each_source_image_in_one_split_and_fills_all_three(real
     assert stats["taping"]["groups_across_source_splits"] > 0
     for dataset in PROMPTS:
         per_split = stats[dataset]
-        assert sum(per_split[s]["images"] for s in FRACTIONS) == len({r["image_id"] for r in manifest
-                                                                     if r["dataset"] == dataset})
+        assert sum(per_split[s]["images"] for s in FRACTIONS) == len(
+            {r["image_id"] for r in manifest if r["dataset"] == dataset}
+        )
         assert all(per_split[s]["images"] > 0 and per_split[s]["groups"] > 0 for s in FRACTIONS)
     # cracks had no train folder, yet its images reach the train split (folders are merged first).
     assert stats["cracks"]["train"]["images"] > 0
@@ -141,30 +163,61 @@ def test_pretrained_weights_in_params_reach_training(synthetic_exports, tmp_path
     synthetic exports, so it runs without the real data too.)"""
     torch.set_num_threads(1)
     data = tmp_path / "data"
-    convert_all(synthetic_exports, PROMPTS, data / "masks", data / "images.csv", data / "conversion.json",
-                repo_root=tmp_path)
-    write_split(data / "images.csv", PROMPTS, FRACTIONS, 42, data / "manifest.csv", data / "split.json",
-                masks_dir="data/masks", repo_root=tmp_path)
+    convert_all(
+        synthetic_exports, PROMPTS, data / "masks", data / "images.csv", data / "conversion.json", repo_root=tmp_path
+    )
+    write_split(
+        data / "images.csv",
+        PROMPTS,
+        FRACTIONS,
+        42,
+        data / "manifest.csv",
+        data / "split.json",
+        masks_dir="data/masks",
+        repo_root=tmp_path,
+    )
     pretrained = tmp_path / "pretrained"
-    model, processor = build_model("tiny", None, 32, freeze_backbone=False, prompts=PROMPTS["cracks"]
-                                   + PROMPTS["taping"])
+    model, processor = build_model(
+        "tiny", None, 32, freeze_backbone=False, prompts=PROMPTS["cracks"] + PROMPTS["taping"]
+    )
     with torch.no_grad():  # a mark no scratch build with any seed has
         model.clip.vision_model.embeddings.patch_embedding.weight.fill_(0.0123)
     model.save_pretrained(pretrained)
     processor.save_pretrained(pretrained)
 
     params = {
-        "seed": 1, "lr": 1e-3,
+        "seed": 1,
+        "lr": 1e-3,
         "model": {"weights": str(pretrained), "preset": "small", "freeze_backbone": True, "image_size": 32},
-        "train": {"epochs": 1, "batch_size": 8, "weight_decay": 0.0, "scheduler": "constant", "warmup_epochs": 0,
-                  "early_stopping_patience": 5, "grad_clip": 1.0, "bce_weight": 1.0, "dice_weight": 1.0,
-                  "negative_prompts": True, "augment": False, "cache_activations": False, "cached_views": 1,
-                  "num_threads": 1},
+        "train": {
+            "epochs": 1,
+            "batch_size": 8,
+            "weight_decay": 0.0,
+            "scheduler": "constant",
+            "warmup_epochs": 0,
+            "early_stopping_patience": 5,
+            "grad_clip": 1.0,
+            "bce_weight": 1.0,
+            "dice_weight": 1.0,
+            "negative_prompts": True,
+            "augment": False,
+            "cache_activations": False,
+            "cached_views": 1,
+            "num_threads": 1,
+        },
     }
     config = TrainConfig.from_params(params)
     out = tmp_path / "run"
-    summary = train(config, data / "manifest.csv", out / "models", out / "train.json",
-                    out / "history.csv", root=tmp_path, progress=False, log=lambda _: None)
+    summary = train(
+        config,
+        data / "manifest.csv",
+        out / "models",
+        out / "train.json",
+        out / "history.csv",
+        root=tmp_path,
+        progress=False,
+        log=lambda _: None,
+    )
 
     assert summary["weights_init"] == str(pretrained) and summary["frozen_backbone"] is True
     assert summary["trainable_params"] < summary["params"]

@@ -6,16 +6,24 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from drywall_qa.evaluate import measure_runtime, summary_metrics
+from drywall_qa.contracts.naming import prompt_slug
+from drywall_qa.evaluate import summary_metrics
 from drywall_qa.metrics import Counts
-from drywall_qa.naming import prompt_slug
 from drywall_qa.params import load_params
 from drywall_qa.report import ReportError, build_report, load_inputs, write_report
+from drywall_qa.runtime import measure_runtime
 
 PARAMS = load_params(Path(__file__).parents[1] / "params.yaml")
 SECTIONS = [
-    "## Goal", "## Approach and model", "## Data and splits", "## Training", "## Test results",
-    "## Visual examples", "## Failure cases", "## Runtime and footprint", "## Reproducibility",
+    "## Goal",
+    "## Approach and model",
+    "## Data and splits",
+    "## Training",
+    "## Test results",
+    "## Visual examples",
+    "## Failure cases",
+    "## Runtime and footprint",
+    "## Reproducibility",
 ]
 
 
@@ -24,15 +32,28 @@ def _eval_metrics() -> dict:
     pairs = []
     for dataset, prompts in PARAMS["prompts"].items():
         for index, prompt in enumerate(prompts):
-            pairs += [{"dataset": dataset, "prompt": prompt, "counts": Counts(30 + index, 10, 10, 950)},
-                      {"dataset": dataset, "prompt": prompt, "counts": Counts(0, 0, 0, 1000)}]
+            pairs += [
+                {"dataset": dataset, "prompt": prompt, "counts": Counts(30 + index, 10, 10, 950)},
+                {"dataset": dataset, "prompt": prompt, "counts": Counts(0, 0, 0, 1000)},
+            ]
     metrics = summary_metrics(pairs, "test") | summary_metrics(pairs[::2], "zero_shot.test", per_group=("miou", "dice"))
     metrics |= {f"threshold.{prompt_slug(p)}": 0.4 for ps in PARAMS["prompts"].values() for p in ps}
-    metrics |= {"val.miou": 0.77, "zero_shot.threshold": 0.5, "cross_prompt.test.pred_fg_fraction": 0.01,
-                "cross_prompt.test.empty_rate": 0.9, "cross_prompt.test.pairs": 20}
-    metrics |= measure_runtime(lambda images, prompts: [None] * len(images), [Image.new("RGB", (4, 4))], ["a"], ["a", "b"])
-    metrics |= {"runtime.device": "cpu (x86_64, 2 threads)", "footprint.params": 920674,
-                "footprint.checkpoint_bytes": 3_700_000, "footprint.peak_rss_bytes": 600_000_000}
+    metrics |= {
+        "val.miou": 0.77,
+        "zero_shot.threshold": 0.5,
+        "cross_prompt.test.pred_fg_fraction": 0.01,
+        "cross_prompt.test.empty_rate": 0.9,
+        "cross_prompt.test.pairs": 20,
+    }
+    metrics |= measure_runtime(
+        lambda images, prompts: [None] * len(images), [Image.new("RGB", (4, 4))], ["a"], ["a", "b"]
+    )
+    metrics |= {
+        "runtime.device": "cpu (x86_64, 2 threads)",
+        "footprint.params": 920674,
+        "footprint.checkpoint_bytes": 3_700_000,
+        "footprint.peak_rss_bytes": 600_000_000,
+    }
     return metrics
 
 
@@ -44,28 +65,63 @@ def _split_counts(images: int) -> dict:
 def inputs_on_disk(tmp_path):
     files = {
         "source.json": {
-            "source": "synthetic", "seed": 42, "generator": {"source_images": 80},
-            "datasets": {name: {"workspace": "ws", "project": name, "version": 1, "format": "coco",
-                                "geometry": "polygons", "images": 100, "annotations": 150,
-                                "splits": {"train": {"images": 70}}} for name in ("cracks", "taping")},
+            "source": "synthetic",
+            "seed": 42,
+            "generator": {"source_images": 80},
+            "datasets": {
+                name: {
+                    "workspace": "ws",
+                    "project": name,
+                    "version": 1,
+                    "format": "coco",
+                    "geometry": "polygons",
+                    "images": 100,
+                    "annotations": 150,
+                    "splits": {"train": {"images": 70}},
+                }
+                for name in ("cracks", "taping")
+            },
         },
         "conversion.json": {
             "datasets": {
                 name: {
-                    "annotations": {"seen": 150, "converted": 147, "skipped": 3,
-                                    "skipped_by_reason": {"polygon_lt_3_points": 3, "malformed": 0},
-                                    "converted_by_kind": {"polygon": 147, "box": 0, "rle": 0}},
-                    "images": {"seen": 100, "converted": 100, "skipped": 0, "skipped_by_reason": {},
-                               "empty_masks": 7},
-                } for name in ("cracks", "taping")
+                    "annotations": {
+                        "seen": 150,
+                        "converted": 147,
+                        "skipped": 3,
+                        "skipped_by_reason": {"polygon_lt_3_points": 3, "malformed": 0},
+                        "converted_by_kind": {"polygon": 147, "box": 0, "rle": 0},
+                    },
+                    "images": {"seen": 100, "converted": 100, "skipped": 0, "skipped_by_reason": {}, "empty_masks": 7},
+                }
+                for name in ("cracks", "taping")
             },
         },
-        "split.json": {"seed": 42, "datasets": {name: {"train": _split_counts(70), "val": _split_counts(15),
-                                                       "test": _split_counts(15), "groups_across_source_splits": 4}
-                                                for name in ("cracks", "taping")}},
-        "train.json": {"weights_init": "scratch:tiny", "best_epoch": 9, "best_val_miou": 0.61, "best_val_dice": 0.7,
-                       "epochs_run": 12, "seconds": 321.5, "device": "cpu", "trainable_params": 920674,
-                       "frozen_backbone": False, "train_images": 140, "val_images": 30},
+        "split.json": {
+            "seed": 42,
+            "datasets": {
+                name: {
+                    "train": _split_counts(70),
+                    "val": _split_counts(15),
+                    "test": _split_counts(15),
+                    "groups_across_source_splits": 4,
+                }
+                for name in ("cracks", "taping")
+            },
+        },
+        "train.json": {
+            "weights_init": "scratch:tiny",
+            "best_epoch": 9,
+            "best_val_miou": 0.61,
+            "best_val_dice": 0.7,
+            "epochs_run": 12,
+            "seconds": 321.5,
+            "device": "cpu",
+            "trainable_params": 920674,
+            "frozen_backbone": False,
+            "train_images": 140,
+            "val_images": 30,
+        },
         "eval.json": _eval_metrics(),
     }
     for name, content in files.items():
@@ -73,7 +129,10 @@ def inputs_on_disk(tmp_path):
     figures = tmp_path / "figures"
     figures.mkdir()
     names = ["training_curves.png", "threshold_sweep.png", "prompt_sensitivity.png"] + [
-        f"{kind}__{prompt_slug(p)}.png" for ps in PARAMS["prompts"].values() for p in ps for kind in ("examples", "failures")
+        f"{kind}__{prompt_slug(p)}.png"
+        for ps in PARAMS["prompts"].values()
+        for p in ps
+        for kind in ("examples", "failures")
     ]
     for name in names:
         Image.new("RGB", (4, 4)).save(figures / name)
@@ -81,16 +140,23 @@ def inputs_on_disk(tmp_path):
 
 
 def _load(root: Path):
-    return load_inputs(root / "source.json", root / "conversion.json", root / "split.json", root / "train.json",
-                       root / "eval.json", root / "figures")
+    return load_inputs(
+        root / "source.json",
+        root / "conversion.json",
+        root / "split.json",
+        root / "train.json",
+        root / "eval.json",
+        root / "figures",
+    )
 
 
 def _build(root: Path, **changes) -> str:
     inputs = _load(root)
     for name, value in changes.items():
         setattr(inputs, name, value)
-    return build_report(inputs, PARAMS, git_commit="abc123", raw_data_hash="d41d8cd9.dir",
-                        mlflow_ids={"pipeline run": "run42"})
+    return build_report(
+        inputs, PARAMS, git_commit="abc123", raw_data_hash="d41d8cd9.dir", mlflow_ids={"pipeline run": "run42"}
+    )
 
 
 def test_report_has_every_section_and_states_data_and_weights_first(inputs_on_disk):
@@ -126,8 +192,10 @@ def test_report_of_real_data_and_pretrained_weights(inputs_on_disk):
     # Real data gets the literature's reference points, labelled as such, next to this run's numbers.
     assert "## Reference points (published elsewhere, not measured here)" in report
     assert "| pretrained CLIPSeg, frozen backbone, leak-free group split | ~0.44 | ~0.44 |" in report
-    ours = f"| this run: pretrained `CIDAS/clipseg-rd64-refined`, group split (test) | " \
-           f"{inputs.eval['test.cracks.miou']:.4f} | {inputs.eval['test.taping.miou']:.4f} |"
+    ours = (
+        f"| this run: pretrained `CIDAS/clipseg-rd64-refined`, group split (test) | "
+        f"{inputs.eval['test.cracks.miou']:.4f} | {inputs.eval['test.taping.miou']:.4f} |"
+    )
     assert ours in report
 
 
@@ -171,12 +239,23 @@ def test_write_report(inputs_on_disk, tmp_path):
 
 
 def test_report_states_how_masks_are_made_and_the_wall_time_of_each_stage(inputs_on_disk):
-    native = PARAMS | {"inference": {"mode": "whole", "scale": 0.75, "overlap": 0.5},
-                       "train": PARAMS["train"] | {"crop_scale_jitter": [0.7, 1.4], "crop_foreground_prob": 0.7}}
-    report = build_report(_load(inputs_on_disk), native, git_commit="abc", raw_data_hash=None, mlflow_ids={},
-                          stage_seconds={"train": 3000.25, "evaluate": 99.5})
+    native = PARAMS | {
+        "inference": {"mode": "whole", "scale": 0.75, "overlap": 0.5},
+        "train": PARAMS["train"] | {"crop_scale_jitter": [0.7, 1.4], "crop_foreground_prob": 0.7},
+    }
+    report = build_report(
+        _load(inputs_on_disk),
+        native,
+        git_commit="abc",
+        raw_data_hash=None,
+        mlflow_ids={},
+        stage_seconds={"train": 3000.25, "evaluate": 99.5},
+    )
     side = PARAMS["model"]["image_size"]
-    assert f"| training images | {side} x {side} crops of the photo scaled by 0.75 (jitter x0.7-1.4), 70% of them" in report
+    assert (
+        f"| training images | {side} x {side} crops of the photo scaled by 0.75 (jitter x0.7-1.4), 70% of them"
+        in report
+    )
     assert "| masks made by | one pass over the whole photo scaled by 0.75, upsampled to its size |" in report
     assert "| train | 3,000.2 |" in report and "| evaluate | 99.5 |" in report
     assert "| **all stages above** | **3,099.8** |" in report

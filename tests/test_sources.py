@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from PIL import Image
 
-from drywall_qa.naming import image_id_of, source_group
+from drywall_qa.contracts.naming import image_id_of, source_group
 from drywall_qa.sources import (
     API_KEY_ENV,
     ExportFormatError,
@@ -490,8 +490,12 @@ def test_symlinks_in_a_local_export_are_refused_and_data_raw_is_kept(tmp_path, s
     raw_dir.mkdir(parents=True)
     (raw_dir / "previous.txt").write_text("the last good import")
     with pytest.raises(UnsafeArchiveError, match=f"{name}.* is a symbolic link"):
-        fetch_raw_data(local_params({"cracks": str(export), "taping": str(synthetic_exports / "taping")}),
-                       seed=1, raw_dir=raw_dir, repo_root=tmp_path)
+        fetch_raw_data(
+            local_params({"cracks": str(export), "taping": str(synthetic_exports / "taping")}),
+            seed=1,
+            raw_dir=raw_dir,
+            repo_root=tmp_path,
+        )
     assert [p.name for p in raw_dir.iterdir()] == ["previous.txt"]  # unchanged on refusal
     assert "secret host" not in "".join(p.read_text(errors="ignore") for p in raw_dir.rglob("*") if p.is_file())
 
@@ -502,7 +506,7 @@ def test_a_symlink_member_of_a_zip_is_refused(tmp_path, synthetic_exports):
         for relative, data in tree_bytes(synthetic_exports / "taping").items():
             archive.writestr(relative, data)
         member = zipfile.ZipInfo("train/notes.txt")
-        member.external_attr = (0o120777 << 16)  # S_IFLNK: how zip stores a symbolic link
+        member.external_attr = 0o120777 << 16  # S_IFLNK: how zip stores a symbolic link
         archive.writestr(member, "/etc/hostname")
     raw_dir = tmp_path / "work" / "data" / "raw"
     with pytest.raises(UnsafeArchiveError, match="'train/notes.txt', a symbolic link"):

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from drywall_qa.atomic import write_csv_atomic
-from drywall_qa.convert import IMAGES_CSV_COLUMNS, convert_all
-from drywall_qa.naming import mask_file_name, source_group
-from drywall_qa.split import MANIFEST_COLUMNS, SplitError, build_manifest, write_split
+from drywall_qa.contracts.atomic import write_csv_atomic
+from drywall_qa.contracts.manifest import IMAGES_CSV_COLUMNS, MANIFEST_COLUMNS, ManifestError
+from drywall_qa.contracts.naming import mask_file_name, source_group
+from drywall_qa.convert import convert_all
+from drywall_qa.split import SplitError, build_manifest, write_split
 
 FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}
 PROMPTS = {"cracks": ["segment crack", "segment wall crack"], "taping": ["segment taping area"]}
@@ -26,11 +27,18 @@ def image_rows(dataset: str, group_sizes: list[int]) -> list[dict]:
     for g, size in enumerate(group_sizes):
         for copy in range(size):
             image_id = f"src{g:03d}_jpg.rf.{g:016x}{copy:016x}"
-            rows.append({
-                "dataset": dataset, "image_id": image_id, "image_path": f"data/raw/{dataset}/train/{image_id}.jpg",
-                "group": source_group(image_id), "source_split": ("train", "valid", "test")[copy % 3],
-                "width": "64", "height": "48", "n_instances": "1",
-            })
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "image_id": image_id,
+                    "image_path": f"data/raw/{dataset}/train/{image_id}.jpg",
+                    "group": source_group(image_id),
+                    "source_split": ("train", "valid", "test")[copy % 3],
+                    "width": "64",
+                    "height": "48",
+                    "n_instances": "1",
+                }
+            )
     return rows
 
 
@@ -76,7 +84,7 @@ def test_manifest_rows_pairs_and_order():
 
 @pytest.mark.parametrize("sizes", [[1, 1, 1], [50, 1, 1], [50, 50, 1, 1], [30, 2, 1, 1, 1]])
 def test_tiny_datasets_get_non_empty_val_and_test(sizes):
-    manifest, stats = build_manifest(image_rows("taping", sizes), {"taping": ["p"]}, FRACTIONS, seed=3)
+    _, stats = build_manifest(image_rows("taping", sizes), {"taping": ["p"]}, FRACTIONS, seed=3)
     assert all(stats["datasets"]["taping"][name]["groups"] >= 1 for name in FRACTIONS)
 
 
@@ -87,8 +95,11 @@ def test_fewer_than_three_groups_is_a_clear_error():
 
 @pytest.mark.parametrize(
     "fractions, message",
-    [({"train": 0.7, "val": 0.3}, "lack"), ({"train": 0.8, "val": 0.15, "test": 0.15}, "sum to 1"),
-     ({"train": 1.0, "val": 0.0, "test": 0.0}, "> 0")],
+    [
+        ({"train": 0.7, "val": 0.3}, "lack"),
+        ({"train": 0.8, "val": 0.15, "test": 0.15}, "sum to 1"),
+        ({"train": 1.0, "val": 0.0, "test": 0.0}, "> 0"),
+    ],
 )
 def test_bad_fractions_are_rejected(fractions, message):
     with pytest.raises(SplitError, match=message):
@@ -140,10 +151,10 @@ def test_missing_masks_are_reported(tmp_path):
 
 
 def test_missing_or_broken_images_csv(tmp_path):
-    with pytest.raises(SplitError, match="run the convert stage"):
+    with pytest.raises(ManifestError, match="run the convert stage"):
         write_split(tmp_path / "none.csv", PROMPTS, FRACTIONS, 0, tmp_path / "m.csv", tmp_path / "s.json")
     (tmp_path / "bad.csv").write_text("dataset,image_id\ncracks,a\n")
-    with pytest.raises(SplitError, match="columns"):
+    with pytest.raises(ManifestError, match="columns"):
         write_split(tmp_path / "bad.csv", PROMPTS, FRACTIONS, 0, tmp_path / "m.csv", tmp_path / "s.json")
 
 
@@ -180,10 +191,23 @@ def test_real_exports_convert_and_split_without_leaks(tmp_path):
     sliced = {d: [json.loads(p.read_text()) for p in (raw / d).glob("*/_annotations.coco.json")] for d in PROMPTS}
     prompts = {"cracks": ["segment crack"], "taping": ["segment taping area", "segment joint/tape"]}
 
-    report = convert_all(raw, prompts, tmp_path / "data/masks", tmp_path / "data/interim/images.csv",
-                         tmp_path / "metrics/conversion.json", repo_root=tmp_path)
-    stats = write_split(tmp_path / "data/interim/images.csv", prompts, FRACTIONS, 42,
-                        tmp_path / "data/manifest.csv", tmp_path / "metrics/split.json", repo_root=tmp_path)
+    report = convert_all(
+        raw,
+        prompts,
+        tmp_path / "data/masks",
+        tmp_path / "data/interim/images.csv",
+        tmp_path / "metrics/conversion.json",
+        repo_root=tmp_path,
+    )
+    stats = write_split(
+        tmp_path / "data/interim/images.csv",
+        prompts,
+        FRACTIONS,
+        42,
+        tmp_path / "data/manifest.csv",
+        tmp_path / "metrics/split.json",
+        repo_root=tmp_path,
+    )
 
     cracks, taping = report["datasets"]["cracks"], report["datasets"]["taping"]
     empty_segmentations = sum(a["segmentation"] == [] for c in sliced["cracks"] for a in c["annotations"])

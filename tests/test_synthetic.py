@@ -13,9 +13,9 @@ import pytest
 from conftest import SMALL_SYNTHETIC
 from PIL import Image
 
-from drywall_qa.naming import image_id_of, source_group
+from drywall_qa.contracts.naming import image_id_of, source_group
+from drywall_qa.contracts.roboflow import COCO_ANNOTATIONS
 from drywall_qa.synthetic import (
-    ANNOTATIONS_FILE,
     DATASET_SPECS,
     InvalidGeneratorParams,
     generate_export,
@@ -35,7 +35,7 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 
 
 def load_split_documents(dataset_dir: Path) -> dict[str, dict]:
-    return {f.parent.name: json.loads(f.read_text()) for f in sorted(dataset_dir.glob(f"*/{ANNOTATIONS_FILE}"))}
+    return {f.parent.name: json.loads(f.read_text()) for f in sorted(dataset_dir.glob(f"*/{COCO_ANNOTATIONS}"))}
 
 
 def tiny(seed: int, dest: Path) -> None:
@@ -63,7 +63,7 @@ def test_export_has_the_real_roboflow_schema(synthetic_exports, dataset):
     assert set(documents) == {"train", "valid", "test"}
     assert (synthetic_exports / dataset / "README.roboflow.txt").is_file()
     for split, document in documents.items():
-        raw = (synthetic_exports / dataset / split / ANNOTATIONS_FILE).read_text()
+        raw = (synthetic_exports / dataset / split / COCO_ANNOTATIONS).read_text()
         assert "\n" not in raw  # compact, single line, as Roboflow writes it
         assert set(document) == TOP_KEYS
         assert set(document["info"]) == INFO_KEYS
@@ -90,7 +90,7 @@ def test_every_file_and_annotation_is_consistent(synthetic_exports, dataset):
     for split, document in load_split_documents(synthetic_exports / dataset).items():
         folder = synthetic_exports / dataset / split
         listed = {image["file_name"] for image in document["images"]}
-        on_disk = {p.name for p in folder.iterdir() if p.name != ANNOTATIONS_FILE}
+        on_disk = {p.name for p in folder.iterdir() if p.name != COCO_ANNOTATIONS}
         assert listed == on_disk
         images = {image["id"]: image for image in document["images"]}
         for image in document["images"]:

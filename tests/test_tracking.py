@@ -57,9 +57,8 @@ def test_unreachable_server_fails_before_work(store, monkeypatch):
         port = sock.getsockname()[1]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://user:s3cret@127.0.0.1:{port}")
     entered = False
-    with pytest.raises(tracking.TrackingUnavailableError) as error:
-        with tracking.stage_run("train", params={}):
-            entered = True
+    with pytest.raises(tracking.TrackingUnavailableError) as error, tracking.stage_run("train", params={}):
+        entered = True
     assert not entered
     assert "unreachable" in str(error.value)
     assert "s3cret" not in str(error.value)
@@ -78,15 +77,20 @@ def test_dataset_digest_prefers_dvc_lock(store, tmp_path):
     assert tracking.dvc_lock_digest("data/other.csv", tmp_path) is None
 
 
-@pytest.mark.parametrize(("raise_in_stage", "status"), [
-    (lambda: (_ for _ in ()).throw(RuntimeError("boom")), "FAILED"),
-    (lambda: (_ for _ in ()).throw(KeyboardInterrupt()), "KILLED"),
-    (lambda: __import__("os").kill(__import__("os").getpid(), __import__("signal").SIGTERM), "KILLED"),
-])
+@pytest.mark.parametrize(
+    ("raise_in_stage", "status"),
+    [
+        (lambda: (_ for _ in ()).throw(RuntimeError("boom")), "FAILED"),
+        (lambda: (_ for _ in ()).throw(KeyboardInterrupt()), "KILLED"),
+        (lambda: __import__("os").kill(__import__("os").getpid(), __import__("signal").SIGTERM), "KILLED"),
+    ],
+)
 def test_a_stage_that_dies_ends_its_run_failed_or_killed(store, raise_in_stage, status):
-    with pytest.raises((RuntimeError, KeyboardInterrupt)):
-        with tracking.stage_run("train", params={"lr": 1}, all_params={"lr": 1}):
-            raise_in_stage()
+    with (
+        pytest.raises((RuntimeError, KeyboardInterrupt)),
+        tracking.stage_run("train", params={"lr": 1}, all_params={"lr": 1}),
+    ):
+        raise_in_stage()
     (child,) = [r for r in _runs(store) if r.info.run_name == "train"]
     assert child.info.status == status and "stage_seconds" not in child.data.metrics
 
@@ -129,8 +133,11 @@ def test_a_dead_processes_running_run_is_closed_at_the_next_start(store):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name("drywall-qa")
-    orphan = client.create_run(experiment.experiment_id, run_name="train", tags={
-        tracking.HOST_TAG: socket.gethostname(), tracking.PID_TAG: dead.stdout.strip()})
+    orphan = client.create_run(
+        experiment.experiment_id,
+        run_name="train",
+        tags={tracking.HOST_TAG: socket.gethostname(), tracking.PID_TAG: dead.stdout.strip()},
+    )
     with tracking.stage_run("convert", params={}, all_params={"lr": 1}):
         pass
     assert client.get_run(orphan.info.run_id).info.status == "KILLED"

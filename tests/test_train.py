@@ -14,15 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from drywall_qa.data import (
-    ManifestError,
-    SegmentationDataset,
-    channel_statistics,
-    collate_pairs,
-    image_records,
-    prompts_by_dataset,
-    read_manifest,
-)
+from drywall_qa.contracts.manifest import ManifestError, image_records, prompts_by_dataset, read_manifest
+from drywall_qa.data import SegmentationDataset, channel_statistics, collate_pairs
 from drywall_qa.model import build_model, decode, encode_images, encode_prompts, pair_activations, tokenize_prompts
 from drywall_qa.train import (
     HISTORY_COLUMNS,
@@ -39,7 +32,16 @@ from drywall_qa.train import (
 
 PROMPTS = {"cracks": ["segment crack", "segment wall crack"], "taping": ["segment taping area"]}
 MANIFEST_COLUMNS = [
-    "dataset", "split", "image_id", "image_path", "mask_path", "prompt", "group", "width", "height", "source_split"
+    "dataset",
+    "split",
+    "image_id",
+    "image_path",
+    "mask_path",
+    "prompt",
+    "group",
+    "width",
+    "height",
+    "source_split",
 ]
 
 
@@ -68,12 +70,20 @@ def make_manifest(root: Path, per_dataset: int = 8, size: int = 48, seed: int = 
                 mask_path = root / "masks" / f"{image_id}__{prompt.replace(' ', '_')}.png"
                 mask_path.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(mask, "L").save(mask_path)
-                rows.append({
-                    "dataset": dataset, "split": split, "image_id": image_id,
-                    "image_path": image_path.relative_to(root).as_posix(),
-                    "mask_path": mask_path.relative_to(root).as_posix(), "prompt": prompt, "group": image_id,
-                    "width": size + 8, "height": size, "source_split": "train",
-                })
+                rows.append(
+                    {
+                        "dataset": dataset,
+                        "split": split,
+                        "image_id": image_id,
+                        "image_path": image_path.relative_to(root).as_posix(),
+                        "mask_path": mask_path.relative_to(root).as_posix(),
+                        "prompt": prompt,
+                        "group": image_id,
+                        "width": size + 8,
+                        "height": size,
+                        "source_split": "train",
+                    }
+                )
     manifest = root / "manifest.csv"
     with open(manifest, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS)
@@ -84,18 +94,41 @@ def make_manifest(root: Path, per_dataset: int = 8, size: int = 48, seed: int = 
 
 def tiny_config(**changes) -> TrainConfig:
     config = TrainConfig(
-        seed=3, lr=5e-4, preset="tiny", weights=None, image_size=32, freeze_backbone=False, epochs=3,
-        batch_size=4, weight_decay=1e-4, scheduler="cosine", warmup_epochs=1, early_stopping_patience=10,
-        grad_clip=1.0, bce_weight=1.0, dice_weight=1.0, negative_prompts=True, augment=True,
-        cache_activations=True, cached_views=2, num_threads=1,
+        seed=3,
+        lr=5e-4,
+        preset="tiny",
+        weights=None,
+        image_size=32,
+        freeze_backbone=False,
+        epochs=3,
+        batch_size=4,
+        weight_decay=1e-4,
+        scheduler="cosine",
+        warmup_epochs=1,
+        early_stopping_patience=10,
+        grad_clip=1.0,
+        bce_weight=1.0,
+        dice_weight=1.0,
+        negative_prompts=True,
+        augment=True,
+        cache_activations=True,
+        cached_views=2,
+        num_threads=1,
     )
     return replace(config, **changes)
 
 
 def run_training(root: Path, config: TrainConfig, out: str = "out", **kwargs) -> dict:
     return train(
-        config, root / "manifest.csv", root / out / "models", root / out / "train.json",
-        root / out / "history.csv", root=root, progress=False, log=kwargs.pop("log", lambda _: None), **kwargs,
+        config,
+        root / "manifest.csv",
+        root / out / "models",
+        root / out / "train.json",
+        root / out / "history.csv",
+        root=root,
+        progress=False,
+        log=kwargs.pop("log", lambda _: None),
+        **kwargs,
     )
 
 
@@ -110,12 +143,16 @@ def test_dataset_pairs_each_image_with_its_prompts_and_empty_negatives(tmp_path)
     prompts = prompts_by_dataset(rows)
     records = image_records(rows, "train", tmp_path)
     assert len(records) == 10 and records[0].prompts == ("segment crack", "segment wall crack")
-    dataset = SegmentationDataset(records, prompts, 32, [0.5] * 3, [0.2] * 3, augment=False,
-                                  negative_prompts=True, seed=0)
+    dataset = SegmentationDataset(
+        records, prompts, 32, [0.5] * 3, [0.2] * 3, augment=False, negative_prompts=True, seed=0
+    )
     item = dataset[0]  # a cracks image
     assert item["pixel_values"].shape == (3, 32, 32)
     assert [dataset.prompt_list[i] for i in item["prompt_index"]] == [
-        "segment crack", "segment wall crack", "segment taping area"]
+        "segment crack",
+        "segment wall crack",
+        "segment taping area",
+    ]
     assert item["positive"].tolist() == [True, True, False]
     assert item["masks"][0].sum() > 0 and item["masks"][2].sum() == 0
     # the dark rectangle is where the mask is
@@ -129,8 +166,17 @@ def test_dataset_pairs_each_image_with_its_prompts_and_empty_negatives(tmp_path)
 def test_augmented_views_are_reproducible_and_cycle(tmp_path):
     make_manifest(tmp_path)
     rows = read_manifest(tmp_path / "manifest.csv")
-    dataset = SegmentationDataset(image_records(rows, "train", tmp_path), prompts_by_dataset(rows), 32,
-                                  [0.5] * 3, [0.2] * 3, augment=True, negative_prompts=False, seed=0, views=2)
+    dataset = SegmentationDataset(
+        image_records(rows, "train", tmp_path),
+        prompts_by_dataset(rows),
+        32,
+        [0.5] * 3,
+        [0.2] * 3,
+        augment=True,
+        negative_prompts=False,
+        seed=0,
+        views=2,
+    )
     views = [dataset.load(1, view) for view in range(3)]
     again = dataset.load(1, 1)
     assert torch.equal(views[1]["pixel_values"], again["pixel_values"])
@@ -140,8 +186,17 @@ def test_augmented_views_are_reproducible_and_cycle(tmp_path):
     assert dataset.current_view() == 1 and torch.equal(dataset[1]["pixel_values"], views[1]["pixel_values"])
     # a view belongs to the image, not to its position in the split
     records = image_records(rows, "train", tmp_path)
-    reordered = SegmentationDataset(records[::-1], prompts_by_dataset(rows), 32, [0.5] * 3, [0.2] * 3,
-                                    augment=True, negative_prompts=False, seed=0, views=2)
+    reordered = SegmentationDataset(
+        records[::-1],
+        prompts_by_dataset(rows),
+        32,
+        [0.5] * 3,
+        [0.2] * 3,
+        augment=True,
+        negative_prompts=False,
+        seed=0,
+        views=2,
+    )
     assert torch.equal(reordered.load(len(records) - 2, 1)["pixel_values"], views[1]["pixel_values"])
 
 
@@ -149,9 +204,10 @@ def test_bad_masks_and_missing_images_fail_with_the_file_named(tmp_path):
     make_manifest(tmp_path)
     rows = read_manifest(tmp_path / "manifest.csv")
     records = image_records(rows, "train", tmp_path)
-    Image.fromarray(np.full((48, 56), 7, np.uint8), "L").save(records[0].mask_paths[0])
-    dataset = SegmentationDataset(records, prompts_by_dataset(rows), 32, [0.5] * 3, [0.2] * 3,
-                                  augment=False, negative_prompts=False, seed=0)
+    Image.fromarray(np.full((48, 56), 7, np.uint8), "L").save(next(iter(records[0].mask_paths.values())))
+    dataset = SegmentationDataset(
+        records, prompts_by_dataset(rows), 32, [0.5] * 3, [0.2] * 3, augment=False, negative_prompts=False, seed=0
+    )
     with pytest.raises(ManifestError, match=r"cracks00__segment_crack\.png has values \[7\]"):
         dataset[0]
     records[1].image_path.unlink()
@@ -191,10 +247,12 @@ def test_a_few_steps_on_a_tiny_model_reduce_the_loss(tmp_path):
     records = image_records(rows, "train", tmp_path)
     torch.manual_seed(0)
     mean, std = channel_statistics(records, 32)
-    model, processor = build_model("tiny", None, 32, False, prompts=["segment crack", "segment taping area"],
-                                   image_mean=mean, image_std=std)
-    dataset = SegmentationDataset(records, prompts_by_dataset(rows), 32, mean, std, augment=False,
-                                  negative_prompts=True, seed=0)
+    model, processor = build_model(
+        "tiny", None, 32, False, prompts=["segment crack", "segment taping area"], image_mean=mean, image_std=std
+    )
+    dataset = SegmentationDataset(
+        records, prompts_by_dataset(rows), 32, mean, std, augment=False, negative_prompts=True, seed=0
+    )
     batch = collate_pairs([dataset[i] for i in range(len(dataset))])
     input_ids, attention_mask = tokenize_prompts(processor, dataset.prompt_list)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -300,12 +358,25 @@ def test_checkpoint_swap_is_atomic_and_an_interrupted_swap_is_recovered(tmp_path
 
 def test_config_from_params_coerces_and_validates():
     params = {
-        "seed": 1, "lr": "5e-05", "model": {"weights": None, "preset": "tiny", "freeze_backbone": False,
-                                            "image_size": 224},
-        "train": {"epochs": 2, "batch_size": 4, "weight_decay": 0.0, "scheduler": "cosine", "warmup_epochs": 1,
-                  "early_stopping_patience": 3, "grad_clip": 1.0, "bce_weight": 1.0, "dice_weight": 1.0,
-                  "negative_prompts": True, "augment": True, "cache_activations": True, "cached_views": 4,
-                  "num_threads": 2},
+        "seed": 1,
+        "lr": "5e-05",
+        "model": {"weights": None, "preset": "tiny", "freeze_backbone": False, "image_size": 224},
+        "train": {
+            "epochs": 2,
+            "batch_size": 4,
+            "weight_decay": 0.0,
+            "scheduler": "cosine",
+            "warmup_epochs": 1,
+            "early_stopping_patience": 3,
+            "grad_clip": 1.0,
+            "bce_weight": 1.0,
+            "dice_weight": 1.0,
+            "negative_prompts": True,
+            "augment": True,
+            "cache_activations": True,
+            "cached_views": 4,
+            "num_threads": 2,
+        },
     }
     config = TrainConfig.from_params(params)
     assert config.lr == 5e-5 and config.weights_init == "scratch:tiny" and not config.uses_cache
@@ -331,10 +402,12 @@ def test_pyfunc_model_predicts_binary_masks_from_paths_and_base64(tmp_path, monk
     import base64
 
     encoded = base64.b64encode(image_path.read_bytes()).decode()
-    frame = pd.DataFrame({
-        "image": [str(image_path), str(image_path), encoded],
-        "prompt": ["segment crack", "segment taping area", "segment crack"],
-    })
+    frame = pd.DataFrame(
+        {
+            "image": [str(image_path), str(image_path), encoded],
+            "prompt": ["segment crack", "segment taping area", "segment crack"],
+        }
+    )
     masks = loaded.predict(frame)
     assert len(masks) == 3
     for mask in masks:

@@ -14,29 +14,35 @@ code is then 2 with a count of the skipped images (so scripts notice).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from drywall_qa.naming import image_id_of, mask_file_name, prompt_slug
+from drywall_qa.contracts.masks import binarize, write_mask
+from drywall_qa.contracts.naming import image_id_of, mask_file_name
+from drywall_qa.contracts.roboflow import IMAGE_SUFFIXES, is_image_file
+from drywall_qa.contracts.thresholds import (
+    DEFAULT_THRESHOLD,
+    THRESHOLDS_FILE,
+    ThresholdsError,
+    eval_key,
+    read_eval_thresholds,
+    read_thresholds,
+)
+from drywall_qa.errors import DrywallQAError
 
 DEFAULT_PROMPTS = ["segment crack", "segment taping area"]
-DEFAULT_THRESHOLD = 0.5
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 # `models:/name/1`, `runs:/<id>/model`, `mlflow-artifacts:/...`, `s3://...`: a scheme of 2+ characters
 # (so a Windows drive letter `C:` is still a path).
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
 
 
-class CliError(Exception):
+class CliError(DrywallQAError):
     """A problem the user can fix; printed as one line, exit code 2."""
 
 
@@ -50,8 +56,11 @@ def is_mlflow_uri(model: str) -> bool:
 def find_checkpoint(root: Path) -> Path:
     """The `save_pretrained` folder in `root` or below (a model folder has `config.json` and weights)."""
     candidates = sorted(
-        {p.parent for p in root.rglob("config.json")
-         if any((p.parent / name).is_file() for name in ("model.safetensors", "pytorch_model.bin"))},
+        {
+            p.parent
+            for p in root.rglob("config.json")
+            if any((p.parent / name).is_file() for name in ("model.safetensors", "pytorch_model.bin"))
+        },
         key=lambda p: (len(p.parts), str(p)),
     )
     if not candidates:
@@ -69,14 +78,16 @@ def resolve_model_dir(model: str, download_dir: Path) -> Path:
         mlflow.set_tracking_uri(tracking_uri(Path.cwd()))
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(download_dir))
-        except Exception as error:  # noqa: BLE001 - MLflow raises many types; all mean "cannot get this model"
+        except Exception as error:
             detail = " ".join(str(error).split())[:300]
             raise CliError(f"cannot download MLflow model {redact_uri(model)}: {detail}") from None
         return find_checkpoint(Path(local))
     path = Path(model)
     if not path.is_dir():
-        raise CliError(f"model folder {model} does not exist (give a save_pretrained folder or an MLflow URI "
-                       "such as models:/drywall-qa-clipseg/1)")
+        raise CliError(
+            f"model folder {model} does not exist (give a save_pretrained folder or an MLflow URI "
+            "such as models:/drywall-qa-clipseg/1)"
+        )
     return find_checkpoint(path)
 
 
@@ -89,7 +100,7 @@ def collect_images(inputs: Sequence[str]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            paths += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            paths += sorted(p for p in path.iterdir() if p.is_file() and is_image_file(p))
         elif path.is_file():
             paths.append(path)
         else:
@@ -100,29 +111,42 @@ def collect_images(inputs: Sequence[str]) -> list[Path]:
     for path in paths:
         other = by_id.setdefault(image_id_of(path.name), path)
         if other != path:
-            raise CliError(f"{other} and {path} share the image id {image_id_of(path.name)!r}: their masks would collide")
+            raise CliError(
+                f"{other} and {path} share the image id {image_id_of(path.name)!r}: their masks would collide"
+            )
     return list(by_id.values())
 
 
-def thresholds_for(prompts: Sequence[str], threshold: float | None, thresholds_from: str | None) -> dict[str, float]:
-    """`--threshold` for every prompt; else `threshold.<slug>` of an eval.json; else 0.5."""
+def model_thresholds(model_root: Path) -> dict[str, float]:
+    """The val-chosen thresholds a logged MLflow model carries (its `thresholds.json`), if any."""
+    found = sorted(model_root.rglob(THRESHOLDS_FILE), key=lambda p: len(p.parts))
+    return read_thresholds(found[0]) if found else {}
+
+
+def thresholds_for(
+    prompts: Sequence[str],
+    threshold: float | None,
+    thresholds_from: str | None,
+    carried: Mapping[str, float] | None = None,
+) -> dict[str, float]:
+    """Per prompt: `--threshold`; else `threshold.<slug>` of `--thresholds-from` (an eval.json); else the
+    threshold the model carries (`carried`); else 0.5."""
     if threshold is not None:
         if not 0 <= threshold <= 1:
             raise CliError(f"--threshold must be within [0, 1], got {threshold}")
         return {prompt: threshold for prompt in prompts}
-    chosen = {prompt: DEFAULT_THRESHOLD for prompt in prompts}
+    chosen = {prompt: DEFAULT_THRESHOLD for prompt in prompts} | {
+        prompt: value for prompt, value in (carried or {}).items() if prompt in prompts
+    }
     if thresholds_from:
-        try:
-            metrics = json.loads(Path(thresholds_from).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as error:
-            raise CliError(f"cannot read thresholds from {thresholds_from}: {error}") from None
+        recorded = read_eval_thresholds(thresholds_from, prompts)
         for prompt in prompts:
-            key = f"threshold.{prompt_slug(prompt)}"
-            if key in metrics:
-                chosen[prompt] = float(metrics[key])
-            else:
-                print(f"drywall-qa: {thresholds_from} has no {key}; using {DEFAULT_THRESHOLD} for {prompt!r}",
-                      file=sys.stderr)
+            if prompt not in recorded:
+                print(
+                    f"drywall-qa: {thresholds_from} has no {eval_key(prompt)}; using {chosen[prompt]:g} for {prompt!r}",
+                    file=sys.stderr,
+                )
+        chosen |= recorded
     return chosen
 
 
@@ -142,12 +166,6 @@ class PredictSummary:
     images: int = 0
     masks: int = 0
     skipped: list[str] = field(default_factory=list)  # one message per unreadable image
-
-
-def write_mask_atomic(path: Path, mask: np.ndarray) -> None:
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 def predict_to_folder(
@@ -183,7 +201,9 @@ def predict_to_folder(
             )
             for (path, _), image_probs in zip(batch, probs, strict=True):
                 for prompt, prob in zip(prompts, image_probs, strict=True):
-                    write_mask_atomic(out_dir / mask_file_name(image_id_of(path.name), prompt), prob >= thresholds[prompt])
+                    write_mask(
+                        out_dir / mask_file_name(image_id_of(path.name), prompt), binarize(prob, thresholds[prompt])
+                    )
                     summary.masks += 1
                 summary.images += 1
         progress.update(len(paths[start : start + batch_size]))
@@ -195,11 +215,12 @@ def predict_command(args: argparse.Namespace) -> int:
     prompts = list(dict.fromkeys(args.prompt or DEFAULT_PROMPTS))
     if args.batch_size < 1:
         raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
-    thresholds = thresholds_for(prompts, args.threshold, args.thresholds_from)
     paths = collect_images(args.inputs)
     # a downloaded MLflow model lives in a temporary folder for as long as it is used (weights may be mmapped)
     with tempfile.TemporaryDirectory(prefix="drywall-qa-model-") as download_dir:
         model_dir = resolve_model_dir(args.model, Path(download_dir))
+        carried = model_thresholds(Path(download_dir)) if is_mlflow_uri(args.model) else {}
+        thresholds = thresholds_for(prompts, args.threshold, args.thresholds_from, carried)
         from drywall_qa.model import load_model
 
         try:
@@ -212,8 +233,10 @@ def predict_command(args: argparse.Namespace) -> int:
     shown = ", ".join(f"{p!r} at {t:g}" for p, t in thresholds.items())
     print(f"drywall-qa: wrote {summary.masks} masks for {summary.images} images to {args.out} ({shown})")
     if summary.skipped:
-        print(f"drywall-qa: {len(summary.skipped)} of {len(paths)} images could not be read and were skipped",
-              file=sys.stderr)
+        print(
+            f"drywall-qa: {len(summary.skipped)} of {len(paths)} images could not be read and were skipped",
+            file=sys.stderr,
+        )
         return 2
     return 0
 
@@ -222,24 +245,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="drywall-qa", description="Text-prompted drywall segmentation (CLIPSeg).")
     commands = parser.add_subparsers(dest="command", required=True)
     predict = commands.add_parser(
-        "predict", help="write masks for images",
+        "predict",
+        help="write masks for images",
         description="Write a {0,255} mask per image and prompt, named <image_id>__<prompt_slug>.png. "
-                    "Unreadable images are skipped and make the exit code 2.",
+        "Unreadable images are skipped and make the exit code 2.",
     )
-    predict.add_argument("--model", required=True,
-                         help="a save_pretrained folder (models/clipseg/best) or an MLflow model URI "
-                              "(models:/drywall-qa-clipseg/1, runs:/<run_id>/model)")
+    predict.add_argument(
+        "--model",
+        required=True,
+        help="a save_pretrained folder (models/clipseg/best) or an MLflow model URI "
+        "(models:/drywall-qa-clipseg/1, runs:/<run_id>/model)",
+    )
     predict.add_argument("--out", required=True, help="folder for the masks (created)")
-    predict.add_argument("--prompt", action="append",
-                         help=f"a prompt; repeat for several (default: {', '.join(DEFAULT_PROMPTS)})")
+    predict.add_argument(
+        "--prompt", action="append", help=f"a prompt; repeat for several (default: {', '.join(DEFAULT_PROMPTS)})"
+    )
     predict.add_argument("--threshold", type=float, help="probability threshold for every prompt")
-    predict.add_argument("--thresholds-from", metavar="EVAL_JSON",
-                         help="take each prompt's threshold from `threshold.<prompt_slug>` of this metrics/eval.json "
-                              f"(default without either option: {DEFAULT_THRESHOLD})")
+    predict.add_argument(
+        "--thresholds-from",
+        metavar="EVAL_JSON",
+        help="take each prompt's threshold from `threshold.<prompt_slug>` of this metrics/eval.json "
+        "(default without either option: the val-chosen thresholds a registered MLflow model "
+        f"carries, else {DEFAULT_THRESHOLD})",
+    )
     predict.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
     predict.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
-    predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
-                         help="image files, or folders whose image files are all predicted")
+    predict.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="IMAGE_OR_FOLDER",
+        help="image files, or folders whose image files are all predicted",
+    )
     predict.set_defaults(handler=predict_command)
     return parser
 
@@ -248,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except CliError as error:
+    except (CliError, ThresholdsError) as error:
         print(f"drywall-qa: error: {error}", file=sys.stderr)
         return 2
 

@@ -25,7 +25,6 @@ two labelings would silently overwrite the other.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -42,13 +41,20 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from drywall_qa.atomic import replace_dir, write_csv_atomic, write_json_atomic
-from drywall_qa.naming import image_id_of, mask_file_name, source_group
-
-COCO_ANNOTATIONS = "_annotations.coco.json"
-YOLO_DATA_FILE = "data.yaml"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-IMAGES_CSV_COLUMNS = ["dataset", "image_id", "image_path", "group", "source_split", "width", "height", "n_instances"]
+from drywall_qa.contracts.atomic import replace_dir, write_json_atomic
+from drywall_qa.contracts.manifest import write_images_csv
+from drywall_qa.contracts.masks import encode_mask
+from drywall_qa.contracts.naming import image_id_of, mask_file_name, source_group
+from drywall_qa.contracts.roboflow import (
+    COCO_ANNOTATIONS,
+    YOLO_DATA_FILE,
+    coco_split_dirs,
+    detect_format,
+    is_image_file,
+    split_folder_order,
+    yolo_split_dirs,
+)
+from drywall_qa.errors import DrywallQAError
 
 # Every reason is always present in the report (zero or not) so `dvc metrics diff` compares like with like.
 ANNOTATION_SKIP_REASONS = (
@@ -69,7 +75,7 @@ ANNOTATION_FIXES = ("clipped_out_of_bounds", "bbox_fallback", "dropped_polygon_p
 MAX_LISTED_FILES = 20  # file names listed per skip reason in the report
 
 
-class ConversionError(Exception):
+class ConversionError(DrywallQAError):
     """An export that cannot be converted; the stage prints the message and exits non-zero."""
 
 
@@ -128,29 +134,6 @@ class Export:
 # ---------------------------------------------------------------- reading exports
 
 
-def split_folder_order(name: str) -> tuple[int, str]:
-    """Roboflow's folders first in pipeline order, anything else alphabetically after them."""
-    known = {"train": 0, "valid": 1, "val": 2, "test": 3}
-    return (known.get(name, len(known)), name)
-
-
-def detect_format(dataset_dir: Path) -> str:
-    if not dataset_dir.is_dir():
-        raise ConversionError(f"dataset folder {dataset_dir} does not exist (run the download stage)")
-    has_coco = any(dataset_dir.glob(f"*/{COCO_ANNOTATIONS}"))
-    has_yolo = (dataset_dir / YOLO_DATA_FILE).is_file()
-    if has_coco and has_yolo:
-        raise ConversionError(f"{dataset_dir} holds both a COCO and a YOLO export; keep one")
-    if has_coco:
-        return "coco"
-    if has_yolo:
-        return "yolo"
-    raise ConversionError(
-        f"{dataset_dir} is not a Roboflow export: expected <split>/{COCO_ANNOTATIONS} (COCO) "
-        f"or {YOLO_DATA_FILE} with <split>/images and <split>/labels (YOLO)"
-    )
-
-
 def read_export(dataset_dir: Path) -> Export:
     fmt = detect_format(dataset_dir)
     return read_coco_export(dataset_dir) if fmt == "coco" else read_yolo_export(dataset_dir)
@@ -187,10 +170,7 @@ def read_coco_export(dataset_dir: Path) -> Export:
     categories_used: dict[str, str] = {}
     superclasses: dict[str, str] = {}
     unlisted: list[str] = []
-    split_dirs = sorted(
-        (p.parent for p in dataset_dir.glob(f"*/{COCO_ANNOTATIONS}")), key=lambda p: split_folder_order(p.name)
-    )
-    for split_dir in split_dirs:
+    for split_dir in coco_split_dirs(dataset_dir):
         json_path = split_dir / COCO_ANNOTATIONS
         coco = _load_json(json_path)
         if not isinstance(coco, dict):
@@ -243,9 +223,7 @@ def read_coco_export(dataset_dir: Path) -> Export:
 
         listed = {Path(e["file_name"]).name for e in coco["images"]}
         unlisted += sorted(
-            f"{split_dir.name}/{p.name}"
-            for p in split_dir.iterdir()
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.name not in listed
+            f"{split_dir.name}/{p.name}" for p in split_dir.iterdir() if is_image_file(p) and p.name not in listed
         )
     return Export("coco", images, categories_used, superclasses, orphan_skips, unlisted)
 
@@ -345,13 +323,10 @@ def read_yolo_export(dataset_dir: Path) -> Export:
     images: list[SourceImage] = []
     orphan_skips: Counter = Counter()
     unlisted: list[str] = []
-    split_dirs = sorted(
-        (p for p in dataset_dir.iterdir() if (p / "images").is_dir()), key=lambda p: split_folder_order(p.name)
-    )
-    for split_dir in split_dirs:
+    for split_dir in yolo_split_dirs(dataset_dir):
         image_files = {}
         for path in sorted((split_dir / "images").iterdir()):
-            if path.suffix.lower() in IMAGE_SUFFIXES:
+            if is_image_file(path):
                 image_files[path.stem] = path
             else:
                 unlisted.append(f"{split_dir.name}/images/{path.name}")
@@ -444,12 +419,6 @@ def read_image_size(path: Path) -> tuple[tuple[int, int] | None, str | None]:
         return None, "unreadable_image"
 
 
-def encode_mask_png(mask: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(mask).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 # ---------------------------------------------------------------- converting
 
 
@@ -538,7 +507,7 @@ def convert_dataset(
         else:
             mask = np.zeros((height, width), dtype=np.uint8)
             tally.empty_masks += 1
-        png = encode_mask_png(np.ascontiguousarray(mask))
+        png = encode_mask(mask)
         for prompt in prompts:
             (out_dir / mask_file_name(image.image_id, prompt)).write_bytes(png)
             tally.masks_written += 1
@@ -561,9 +530,7 @@ def convert_dataset(
     return rows, report
 
 
-def _dataset_report(
-    export: Export, tally: DatasetTally, rows: list[dict], prompts: list[str], splits: Counter
-) -> dict:
+def _dataset_report(export: Export, tally: DatasetTally, rows: list[dict], prompts: list[str], splits: Counter) -> dict:
     annotation_skips = {reason: tally.annotation_skips.get(reason, 0) for reason in ANNOTATION_SKIP_REASONS}
     unexpected = set(tally.annotation_skips) - set(ANNOTATION_SKIP_REASONS)
     if unexpected:
@@ -607,8 +574,10 @@ def check_accounting(dataset: str, report: dict, rows: list[dict]) -> None:
     checks = {
         "annotations seen = converted + skipped": annotations["seen"]
         == annotations["converted"] + annotations["skipped"],
-        "skipped annotations = sum of reasons": annotations["skipped"] == sum(annotations["skipped_by_reason"].values()),
-        "converted annotations = sum by kind": annotations["converted"] == sum(annotations["converted_by_kind"].values()),
+        "skipped annotations = sum of reasons": annotations["skipped"]
+        == sum(annotations["skipped_by_reason"].values()),
+        "converted annotations = sum by kind": annotations["converted"]
+        == sum(annotations["converted_by_kind"].values()),
         "converted annotations = instances in images.csv": annotations["converted"]
         == sum(row["n_instances"] for row in rows),
         "images seen = converted + skipped": images["seen"] == images["converted"] + images["skipped"],
@@ -655,7 +624,7 @@ def convert_all(
         shutil.rmtree(staging, ignore_errors=True)
     all_rows.sort(key=lambda row: (row["dataset"], row["image_id"]))
     report = {"datasets": per_dataset, "totals": _totals(per_dataset)}
-    write_csv_atomic(images_csv, IMAGES_CSV_COLUMNS, all_rows)
+    write_images_csv(images_csv, all_rows)
     write_json_atomic(report_path, report)
     return report
 
@@ -669,8 +638,6 @@ def _totals(per_dataset: dict[str, dict]) -> dict:
     totals["empty_masks"] = sum(r["images"]["empty_masks"] for r in reports)
     totals["masks_written"] = sum(r["masks_written"] for r in reports)
     return totals
-
-
 
 
 # ---------------------------------------------------------------- preview

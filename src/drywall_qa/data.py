@@ -21,7 +21,6 @@ sees the same pixels.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 from collections import defaultdict
@@ -37,81 +36,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from drywall_qa.contracts.manifest import ImageRecord, ManifestError, prompt_order
+from drywall_qa.contracts.masks import read_mask
 from drywall_qa.inference import normalize, resize_array, working_size
-
-MANIFEST_COLUMNS = [
-    "dataset", "split", "image_id", "image_path", "mask_path", "prompt", "group", "width", "height", "source_split"
-]
-
-
-class ManifestError(ValueError):
-    """The manifest, or an image or mask it names, is unusable; the message names the file."""
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    """One image of one split and the manifest's prompts (with their mask files) for it."""
-
-    dataset: str
-    image_id: str
-    image_path: Path
-    prompts: tuple[str, ...]
-    mask_paths: tuple[Path, ...]
-    width: int
-    height: int
-
-
-def read_manifest(path: str | Path) -> list[dict[str, str]]:
-    path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"{path} does not exist (run the split stage)")
-    with open(path, encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = [column for column in MANIFEST_COLUMNS if column not in (reader.fieldnames or [])]
-        if missing:
-            raise ManifestError(f"{path}: missing columns {missing}; expected {MANIFEST_COLUMNS}")
-        rows = list(reader)
-    if not rows:
-        raise ManifestError(f"{path} has no rows")
-    return rows
-
-
-def prompts_by_dataset(rows: Sequence[dict[str, str]]) -> dict[str, list[str]]:
-    """Every dataset's prompts in the manifest (all splits), sorted: the training prompt set."""
-    found: dict[str, set[str]] = defaultdict(set)
-    for row in rows:
-        found[row["dataset"]].add(row["prompt"])
-    return {dataset: sorted(prompts) for dataset, prompts in sorted(found.items())}
-
-
-def image_records(rows: Sequence[dict[str, str]], split: str, root: str | Path = ".") -> list[ImageRecord]:
-    """The images of `split`, sorted by (dataset, image_id); relative paths resolve against `root`."""
-    root = Path(root)
-    grouped: dict[tuple[str, str], list[dict[str, str]]] = defaultdict(list)
-    for row in rows:
-        if row["split"] == split:
-            grouped[(row["dataset"], row["image_id"])].append(row)
-    records = []
-    for (dataset, image_id), image_rows in sorted(grouped.items()):
-        image_rows.sort(key=lambda row: row["prompt"])
-        first = image_rows[0]
-        if len({row["image_path"] for row in image_rows}) != 1:
-            raise ManifestError(f"image {dataset}/{image_id} has rows with different image paths")
-        prompts = [row["prompt"] for row in image_rows]
-        if len(set(prompts)) != len(prompts):
-            raise ManifestError(f"image {dataset}/{image_id} lists a prompt twice")
-        records.append(
-            ImageRecord(
-                dataset=dataset,
-                image_id=image_id,
-                image_path=root / first["image_path"],
-                prompts=tuple(prompts),
-                mask_paths=tuple(root / row["mask_path"] for row in image_rows),
-                width=int(first["width"]),
-                height=int(first["height"]),
-            )
-        )
-    return records
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -136,7 +63,10 @@ def channel_statistics(records: Sequence[ImageRecord], image_size: int) -> tuple
     total_sq = np.zeros(3)
     count = 0
     for record in records:
-        pixels = resize_array(read_rgb(record.image_path), (image_size, image_size)).reshape(-1, 3).astype(np.float64) / 255.0
+        pixels = (
+            resize_array(read_rgb(record.image_path), (image_size, image_size)).reshape(-1, 3).astype(np.float64)
+            / 255.0
+        )
         total += pixels.sum(0)
         total_sq += np.square(pixels).sum(0)
         count += len(pixels)
@@ -171,12 +101,14 @@ class CropConfig:
     """Training crops at the working scale (params `train.crop_*`)."""
 
     scale_jitter: tuple[float, float]  # the working-scale image is rescaled by a factor drawn from it
-    foreground_prob: float             # share of crops centred on a foreground pixel (when there is one)
+    foreground_prob: float  # share of crops centred on a foreground pixel (when there is one)
 
     def __post_init__(self) -> None:
         low, high = self.scale_jitter
         if not 0.1 <= low <= high <= 4:
-            raise ValueError(f"train.crop_scale_jitter must be [low, high] with 0.1 <= low <= high <= 4, got {list(self.scale_jitter)}")
+            raise ValueError(
+                f"train.crop_scale_jitter must be [low, high] with 0.1 <= low <= high <= 4, got {list(self.scale_jitter)}"
+            )
         if not 0 <= self.foreground_prob <= 1:
             raise ValueError(f"train.crop_foreground_prob must be in [0, 1], got {self.foreground_prob}")
 
@@ -188,13 +120,17 @@ def build_crop_augmentation(crop_size: int, crop: CropConfig) -> A.Compose:
     low, high = crop.scale_jitter
     return A.Compose(
         [
-            A.RandomScale(scale_limit=(low - 1, high - 1), interpolation=cv2.INTER_LINEAR,
-                          area_for_downscale="image", p=1.0),
-            A.PadIfNeeded(min_height=crop_size, min_width=crop_size, border_mode=cv2.BORDER_CONSTANT,
-                          fill=0, fill_mask=0),
+            A.RandomScale(
+                scale_limit=(low - 1, high - 1), interpolation=cv2.INTER_LINEAR, area_for_downscale="image", p=1.0
+            ),
+            A.PadIfNeeded(
+                min_height=crop_size, min_width=crop_size, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0
+            ),
             A.OneOf(
-                [A.CropNonEmptyMaskIfExists(crop_size, crop_size, p=crop.foreground_prob),
-                 A.RandomCrop(crop_size, crop_size, p=1 - crop.foreground_prob)],
+                [
+                    A.CropNonEmptyMaskIfExists(crop_size, crop_size, p=crop.foreground_prob),
+                    A.RandomCrop(crop_size, crop_size, p=1 - crop.foreground_prob),
+                ],
                 p=1.0,
             ),
             A.HorizontalFlip(p=0.5),
@@ -248,7 +184,7 @@ class SegmentationDataset(Dataset):
         if views is not None and views < 1:
             raise ValueError(f"views must be >= 1 or None, got {views}")
         self.records = list(records)
-        self.prompt_list = [prompt for dataset in sorted(prompts) for prompt in prompts[dataset]]
+        self.prompt_list = prompt_order(prompts)
         self.prompt_index = {prompt: index for index, prompt in enumerate(self.prompt_list)}
         self.prompts_of_dataset = prompts
         self.image_size = image_size
@@ -352,19 +288,8 @@ class SegmentationDataset(Dataset):
             size = working_size(height, width, self.working_scale, self.patch_size)
         image = resize_array(original, size)
         masks = []
-        for mask_path in record.mask_paths:
-            try:
-                with Image.open(mask_path) as handle:
-                    if handle.mode != "L":
-                        raise ManifestError(f"mask {mask_path} has mode {handle.mode}, expected single-channel L")
-                    mask = np.asarray(handle)
-            except OSError as error:
-                raise ManifestError(f"cannot read mask {mask_path}: {error}") from error
-            if mask.shape != (height, width):
-                raise ManifestError(f"mask {mask_path} is {mask.shape[::-1]}, its image is {(width, height)}")
-            values = np.unique(mask)
-            if not set(values.tolist()) <= {0, 255}:
-                raise ManifestError(f"mask {mask_path} has values {values[:8].tolist()}, expected only 0 and 255")
+        for mask_path in record.mask_paths.values():
+            mask = read_mask(mask_path, (width, height)).astype(np.uint8) * np.uint8(255)
             masks.append(resize_array(mask, size, nearest=True))
         return image, np.stack(masks)
 
@@ -374,8 +299,11 @@ def size_grouped_batches(dataset: SegmentationDataset, batch_size: int) -> list[
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for index in range(len(dataset)):
         groups[dataset.item_size(index)].append(index)
-    return [indices[start : start + batch_size]
-            for _, indices in sorted(groups.items()) for start in range(0, len(indices), batch_size)]
+    return [
+        indices[start : start + batch_size]
+        for _, indices in sorted(groups.items())
+        for start in range(0, len(indices), batch_size)
+    ]
 
 
 def collate_pairs(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -12,25 +12,23 @@ from __future__ import annotations
 
 import functools
 import os
-import platform
 import shutil
-import sys
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from drywall_qa.atomic import replace_dir, write_csv_atomic, write_json_atomic
-from drywall_qa.metrics import Counts, binarize, confusion_counts, dice, iou, precision, recall, summarize, threshold_counts
-from drywall_qa.naming import mask_file_name, prompt_slug
-from drywall_qa.numerics import describe_cpu_numerics
-from drywall_qa.split import MANIFEST_COLUMNS
+from drywall_qa.contracts.atomic import replace_dir, write_csv_atomic, write_json_atomic
+from drywall_qa.contracts.manifest import ImageRecord, image_records, prompt_order, read_manifest
+from drywall_qa.contracts.masks import binarize, read_mask, write_mask
+from drywall_qa.contracts.naming import mask_file_name, prompt_slug
+from drywall_qa.errors import DrywallQAError
+from drywall_qa.metrics import Counts, confusion_counts, dice, iou, precision, recall, summarize, threshold_counts
+from drywall_qa.runtime import device_name, folder_bytes, measure_runtime, peak_rss_bytes
 
 PredictFn = Callable[[list[Image.Image], list[str]], list[np.ndarray]]
 
@@ -41,49 +39,11 @@ ZERO_SHOT_THRESHOLD = 0.5
 DECIMALS = 6  # rounding of written scores: stable files, far below any meaningful difference
 
 
-class EvaluationError(RuntimeError):
+class EvaluationError(DrywallQAError, RuntimeError):
     """Evaluation cannot run on this input; the message names the file or value at fault."""
 
 
-@dataclass
-class ManifestImage:
-    """One image of a split with the prompts (and their mask files) the manifest pairs it with."""
-
-    dataset: str
-    image_id: str
-    image_path: str
-    width: int
-    height: int
-    mask_paths: dict[str, str] = field(default_factory=dict)  # prompt -> mask path, manifest order
-
-    @property
-    def prompts(self) -> list[str]:
-        return list(self.mask_paths)
-
-
 # ---------------------------------------------------------------- reading inputs
-
-
-def read_manifest(path: str | Path) -> pd.DataFrame:
-    path = Path(path)
-    if not path.is_file():
-        raise EvaluationError(f"{path} does not exist: run the `split` stage first")
-    manifest = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [column for column in MANIFEST_COLUMNS if column not in manifest.columns]
-    if missing:
-        raise EvaluationError(f"{path}: missing column(s) {missing}")
-    return manifest
-
-
-def split_images(manifest: pd.DataFrame, split: str) -> list[ManifestImage]:
-    """The images of one split, sorted by (dataset, image_id), each with its prompts."""
-    images: dict[tuple[str, str], ManifestImage] = {}
-    for row in manifest[manifest["split"] == split].itertuples(index=False):
-        key = (row.dataset, row.image_id)
-        if key not in images:
-            images[key] = ManifestImage(row.dataset, row.image_id, row.image_path, int(row.width), int(row.height))
-        images[key].mask_paths[row.prompt] = row.mask_path
-    return [images[key] for key in sorted(images)]
 
 
 def load_image(path: Path) -> Image.Image:
@@ -96,39 +56,22 @@ def load_image(path: Path) -> Image.Image:
         raise EvaluationError(f"image {path} cannot be read: {error}") from None
 
 
-def load_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """A ground-truth mask as a boolean array; checks the mask contract (L, {0, 255}, image size)."""
-    try:
-        with Image.open(path) as image:
-            mode, mask = image.mode, np.asarray(image)
-    except FileNotFoundError:
-        raise EvaluationError(f"mask {path} does not exist") from None
-    except (UnidentifiedImageError, OSError) as error:
-        raise EvaluationError(f"mask {path} cannot be read: {error}") from None
-    if mode != "L" or (mask.shape[1], mask.shape[0]) != size:
-        raise EvaluationError(f"mask {path} is {mode} {mask.shape[1]}x{mask.shape[0]}, expected L {size[0]}x{size[1]}")
-    if not np.isin(mask, (0, 255)).all():
-        raise EvaluationError(f"mask {path} has values other than 0 and 255")
-    return mask == 255
-
-
 def predict_images(
     predict_fn: PredictFn,
-    images: Sequence[ManifestImage],
-    prompts_of: Callable[[ManifestImage], list[str]],
-    repo_root: Path,
+    images: Sequence[ImageRecord],
+    prompts_of: Callable[[ImageRecord], list[str]],
     chunk_size: int,
-) -> Iterator[tuple[ManifestImage, list[str], np.ndarray]]:
+) -> Iterator[tuple[ImageRecord, list[str], np.ndarray]]:
     """Yield (image, prompts, probabilities [n_prompts, H, W]) image by image.
 
     Images go to `predict_fn` in chunks of images sharing one prompt list, so memory holds one
     chunk of probability maps at a time.
     """
-    pending: list[ManifestImage] = []
+    pending: list[ImageRecord] = []
 
-    def flush() -> Iterator[tuple[ManifestImage, list[str], np.ndarray]]:
+    def flush() -> Iterator[tuple[ImageRecord, list[str], np.ndarray]]:
         prompts = prompts_of(pending[0])
-        pil_images = [load_image(repo_root / item.image_path) for item in pending]
+        pil_images = [load_image(item.image_path) for item in pending]
         for item, pil in zip(pending, pil_images, strict=True):
             if pil.size != (item.width, item.height):
                 raise EvaluationError(
@@ -140,7 +83,9 @@ def predict_images(
         for item, probs in zip(pending, outputs, strict=True):
             expected = (len(prompts), item.height, item.width)
             if tuple(probs.shape) != expected:
-                raise EvaluationError(f"the model returned {tuple(probs.shape)} for {item.image_id}, expected {expected}")
+                raise EvaluationError(
+                    f"the model returned {tuple(probs.shape)} for {item.image_id}, expected {expected}"
+                )
             yield item, prompts, probs
         pending.clear()
 
@@ -157,17 +102,15 @@ def predict_images(
 
 def sweep_thresholds(
     predict_fn: PredictFn,
-    images: Sequence[ManifestImage],
+    images: Sequence[ImageRecord],
     thresholds: Sequence[float],
-    repo_root: str | Path = ".",
     chunk_size: int = 8,
 ) -> dict[str, list[list[Counts]]]:
     """For every prompt: per (image, prompt) pair, the pixel counts at each threshold."""
-    repo_root = Path(repo_root)
     counts: dict[str, list[list[Counts]]] = defaultdict(list)
-    for image, prompts, probs in predict_images(predict_fn, images, lambda i: i.prompts, repo_root, chunk_size):
+    for image, prompts, probs in predict_images(predict_fn, images, lambda i: list(i.prompts), chunk_size):
         for prompt, prob in zip(prompts, probs, strict=True):
-            gt = load_mask(repo_root / image.mask_paths[prompt], (image.width, image.height))
+            gt = read_mask(image.mask_paths[prompt], (image.width, image.height))
             counts[prompt].append(threshold_counts(prob, gt, thresholds))
     return dict(counts)
 
@@ -217,11 +160,10 @@ class SplitScores:
 
 def score_split(
     predict_fn: PredictFn,
-    images: Sequence[ManifestImage],
+    images: Sequence[ImageRecord],
     thresholds: dict[str, float] | float,
     all_prompts: Sequence[str] = (),
     predictions_dir: str | Path | None = None,
-    repo_root: str | Path = ".",
     chunk_size: int = 8,
 ) -> SplitScores:
     """Score each image under its own prompts; also predict `all_prompts` the image does not own.
@@ -229,15 +171,14 @@ def score_split(
     `thresholds` is one threshold or one per prompt. With `predictions_dir`, every binarised
     prediction (own and other prompts) is written there as `<dataset>/<image_id>__<prompt_slug>.png`.
     """
-    repo_root = Path(repo_root)
     threshold_of = (lambda p: thresholds[p]) if isinstance(thresholds, dict) else (lambda p: float(thresholds))
     extra = list(dict.fromkeys(all_prompts))
 
-    def prompts_of(image: ManifestImage) -> list[str]:
-        return image.prompts + [p for p in extra if p not in image.mask_paths]
+    def prompts_of(image: ImageRecord) -> list[str]:
+        return list(image.prompts) + [p for p in extra if p not in image.mask_paths]
 
     scores = SplitScores([], [])
-    for image, prompts, probs in predict_images(predict_fn, images, prompts_of, repo_root, chunk_size):
+    for image, prompts, probs in predict_images(predict_fn, images, prompts_of, chunk_size):
         for prompt, prob in zip(prompts, probs, strict=True):
             try:
                 pred = binarize(prob, threshold_of(prompt))
@@ -248,7 +189,7 @@ def score_split(
             if prompt not in image.mask_paths:
                 scores.cross_prompt_fg.append(float(pred.mean()))
                 continue
-            gt = load_mask(repo_root / image.mask_paths[prompt], (image.width, image.height))
+            gt = read_mask(image.mask_paths[prompt], (image.width, image.height))
             counts = confusion_counts(pred, gt)
             scores.pairs.append(
                 {
@@ -263,12 +204,6 @@ def score_split(
                 }
             )
     return scores
-
-
-def write_mask(path: Path, mask: np.ndarray) -> None:
-    """A boolean mask as the mask contract: single-channel L PNG, values {0, 255}."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(path)
 
 
 ALL_METRICS = ("miou", "dice", "iou_dataset", "dice_dataset", "pixel_accuracy", "precision", "recall", "pairs")
@@ -299,77 +234,6 @@ def summary_metrics(
     return metrics
 
 
-# ---------------------------------------------------------------- runtime and footprint
-
-
-def measure_runtime(
-    predict_fn: PredictFn, images: list[Image.Image], one_prompt: list[str], all_prompts: list[str], warmup: int = 3
-) -> dict[str, float]:
-    """Latency per image, one image per call, for one prompt and for all prompts, and batched throughput
-    over the same images with all prompts.
-
-    Latency covers preprocessing to full-size probabilities (file reading excluded) and is the median
-    over the images, after `warmup` calls of each kind (lazy initialisation, allocator, kernel choice),
-    so one slow call on a shared machine does not decide it.
-    """
-    if not images:
-        raise EvaluationError("no images to time")
-    for prompts in (one_prompt, all_prompts):
-        for image in images[:warmup]:
-            predict_fn([image], prompts)
-
-    def ms_per_image(prompts: list[str]) -> float:
-        seconds = []
-        for image in images:
-            started = time.perf_counter()
-            predict_fn([image], prompts)
-            seconds.append(time.perf_counter() - started)
-        return 1000 * float(np.median(seconds))
-
-    one, every = ms_per_image(one_prompt), ms_per_image(all_prompts)
-    started = time.perf_counter()
-    predict_fn(images, all_prompts)
-    batched = time.perf_counter() - started
-    return {
-        "runtime.ms_per_image_1_prompt": one,
-        "runtime.ms_per_image_all_prompts": every,
-        "runtime.images_per_s": len(images) / batched,
-        "runtime.timing_images": len(images),
-        "runtime.n_prompts_all": len(all_prompts),
-    }
-
-
-def folder_bytes(path: str | Path) -> int:
-    path = Path(path)
-    if not path.is_dir():
-        raise EvaluationError(f"model folder {path} does not exist")
-    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    try:
-        import resource
-    except ImportError:  # Windows: psutil's peak working set
-        import psutil
-
-        return int(psutil.Process().memory_info().peak_wset)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
-
-
-def device_name(device: Any) -> str:
-    import torch
-
-    device = torch.device(device)
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    if device.type == "cpu":
-        cpu = platform.processor() or platform.machine()
-        return f"cpu ({cpu}, {torch.get_num_threads()} threads, {describe_cpu_numerics()} numerics)"
-    return device.type
-
-
 # ---------------------------------------------------------------- the whole evaluation
 
 
@@ -384,11 +248,11 @@ class EvaluationResult:
 
 def evaluate_predictions(
     predict_fn: PredictFn,
-    manifest: pd.DataFrame,
+    val: Sequence[ImageRecord],
+    test: Sequence[ImageRecord],
     all_prompts: Sequence[str],
     thresholds: Sequence[float],
     predictions_dir: str | Path | None,
-    repo_root: str | Path = ".",
     chunk_size: int = 8,
 ) -> EvaluationResult:
     """Choose a threshold per prompt on val, score test with it, write the test predictions.
@@ -396,10 +260,9 @@ def evaluate_predictions(
     Test images are also predicted under the prompts of the other datasets (their masks are
     written too; `cross_prompt.*` measures how much foreground those prompts produce).
     """
-    unknown = sorted(set(manifest["prompt"]) - set(all_prompts))
+    unknown = sorted({p for image in [*val, *test] for p in image.prompts} - set(all_prompts))
     if unknown:
         raise EvaluationError(f"manifest prompts {unknown} are not in params.yaml `prompts`: re-run `split`")
-    val, test = split_images(manifest, "val"), split_images(manifest, "test")
     for name, images in (("val", val), ("test", test)):
         if not images:
             raise EvaluationError(f"the manifest has no {name} images")
@@ -407,14 +270,14 @@ def evaluate_predictions(
     if missing_val:
         raise EvaluationError(f"no val pairs for prompt(s) {missing_val}: cannot choose their thresholds")
 
-    sweep = sweep_thresholds(predict_fn, val, thresholds, repo_root, chunk_size)
+    sweep = sweep_thresholds(predict_fn, val, thresholds, chunk_size)
     chosen, sweep_rows = choose_thresholds(sweep, thresholds)
     metrics: dict[str, Any] = {f"threshold.{prompt_slug(p)}": t for p, t in chosen.items()}
     # val only chose the thresholds: its scores at them, overall and per prompt
     val_pairs = _val_pairs_at(sweep, chosen, thresholds)
     metrics |= summary_metrics(val_pairs, "val", overall=("miou", "dice"), per_group=("miou",), groups=("prompt",))
 
-    test_scores = score_split(predict_fn, test, chosen, all_prompts, predictions_dir, repo_root, chunk_size)
+    test_scores = score_split(predict_fn, test, chosen, all_prompts, predictions_dir, chunk_size)
     metrics |= summary_metrics(test_scores.pairs, "test")
     if test_scores.cross_prompt_fg:
         fg = np.asarray(test_scores.cross_prompt_fg)
@@ -443,21 +306,23 @@ def evaluate_predictions(
 def add_zero_shot(
     result: EvaluationResult,
     zero_shot_predict_fn: PredictFn,
-    manifest: pd.DataFrame,
-    repo_root: str | Path = ".",
+    test: Sequence[ImageRecord],
     chunk_size: int = 8,
 ) -> None:
     """Score test with the untrained model at threshold 0.5 into `zero_shot.test.*` and the per-prompt rows."""
-    test = split_images(manifest, "test")
-    pairs = score_split(zero_shot_predict_fn, test, ZERO_SHOT_THRESHOLD, (), None, repo_root, chunk_size).pairs
-    zero_shot = summary_metrics(pairs, "zero_shot.test", overall=("miou", "dice", "iou_dataset"), per_group=("miou", "dice"))
+    pairs = score_split(zero_shot_predict_fn, test, ZERO_SHOT_THRESHOLD, (), None, chunk_size).pairs
+    zero_shot = summary_metrics(
+        pairs, "zero_shot.test", overall=("miou", "dice", "iou_dataset"), per_group=("miou", "dice")
+    )
     result.metrics |= zero_shot
     result.metrics["zero_shot.threshold"] = ZERO_SHOT_THRESHOLD
     for row in result.per_prompt:
         row["zero_shot_miou"] = zero_shot[f"zero_shot.test.{prompt_slug(row['prompt'])}.miou"]
 
 
-def _val_pairs_at(sweep: dict[str, list[list[Counts]]], chosen: dict[str, float], thresholds: Sequence[float]) -> list[dict]:
+def _val_pairs_at(
+    sweep: dict[str, list[list[Counts]]], chosen: dict[str, float], thresholds: Sequence[float]
+) -> list[dict]:
     """Val pairs at each prompt's chosen threshold, in the shape `summary_metrics` reads (per prompt only)."""
     pairs = []
     for prompt, per_pair in sweep.items():
@@ -483,16 +348,36 @@ def write_outputs(result: EvaluationResult, metrics_path: str | Path, plots_dir:
         write_csv_atomic(plots_dir / name, columns, ({k: _rounded(row[k]) for k in columns} for row in rows))
 
 
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """What the evaluation does (params `evaluate`, `prompts`, `model`, `seed`)."""
+
+    prompts: dict[str, list[str]]
+    model_params: dict[str, Any]  # for the zero-shot model: build_model(**model_params)
+    thresholds: tuple[float, ...]
+    batch_size: int
+    zero_shot: bool
+    timing_images: int
+    seed: int
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> EvaluateSettings:
+        evaluate = params["evaluate"]
+        return cls(
+            params["prompts"],
+            params["model"],
+            tuple(evaluate["thresholds"]),
+            evaluate["batch_size"],
+            evaluate["zero_shot"],
+            evaluate["timing_images"],
+            params["seed"],
+        )
+
+
 def run_evaluation(
     model_dir: str | Path,
     manifest_path: str | Path,
-    prompts: dict[str, list[str]],
-    model_params: dict[str, Any],
-    thresholds: Sequence[float],
-    batch_size: int,
-    zero_shot: bool,
-    timing_images: int,
-    seed: int,
+    settings: EvaluateSettings,
     predictions_dir: str | Path,
     metrics_path: str | Path,
     plots_dir: str | Path,
@@ -502,9 +387,9 @@ def run_evaluation(
     """The `evaluate` stage: load the trained model, evaluate, time it, write every output.
 
     Predictions are written to a temporary sibling of `predictions_dir` that replaces it only when
-    the evaluation succeeded. The zero-shot model is `build_model(**model_params)` seeded with `seed`:
-    for pretrained `weights` the model before fine-tuning, for scratch the random initialisation.
-    `device`: None picks CUDA, then MPS, then CPU.
+    the evaluation succeeded. The zero-shot model is `build_model(**settings.model_params)` seeded with
+    `settings.seed`: for pretrained `weights` the model before fine-tuning, for scratch the random
+    initialisation. `device`: None picks CUDA, then MPS, then CPU.
     """
     import torch
 
@@ -514,14 +399,16 @@ def run_evaluation(
     model_dir, predictions_dir, repo_root = Path(model_dir), Path(predictions_dir), Path(repo_root)
     if not model_dir.is_dir():
         raise EvaluationError(f"model folder {model_dir} does not exist: run the `train` stage first")
-    all_prompts = [prompt for dataset in sorted(prompts) for prompt in prompts[dataset]]
-    manifest = read_manifest(manifest_path)
+    all_prompts = prompt_order(settings.prompts)
+    batch_size = settings.batch_size
+    rows = read_manifest(manifest_path)
+    val, test = image_records(rows, "val", repo_root), image_records(rows, "test", repo_root)
     device = select_device(device)
     model, processor = load_model(str(model_dir))
     inference = InferenceConfig.of(model)  # how the checkpoint makes masks; the zero-shot model does the same
     predict_fn = functools.partial(predict_probs, model, processor, device=device, batch_size=batch_size)
 
-    timing = [load_image(repo_root / image.image_path) for image in split_images(manifest, "test")[:timing_images]]
+    timing = [load_image(image.image_path) for image in test[: settings.timing_images]]
     runtime = measure_runtime(predict_fn, timing, all_prompts[:1], all_prompts)
     del timing
 
@@ -529,7 +416,7 @@ def run_evaluation(
     staging = predictions_dir.parent / f".{predictions_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        result = evaluate_predictions(predict_fn, manifest, all_prompts, thresholds, staging, repo_root, batch_size)
+        result = evaluate_predictions(predict_fn, val, test, all_prompts, settings.thresholds, staging, batch_size)
         # Peak memory of the trained model's evaluation, read before a second model is built.
         footprint = {
             "footprint.params": sum(p.numel() for p in model.parameters()),
@@ -539,16 +426,19 @@ def run_evaluation(
         if torch.device(device).type == "cuda":
             footprint["footprint.peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
         del model, predict_fn
-        if zero_shot:
-            torch.manual_seed(seed)
-            zs_model, zs_processor = build_model(**model_params, prompts=all_prompts)
+        if settings.zero_shot:
+            torch.manual_seed(settings.seed)
+            zs_model, zs_processor = build_model(**settings.model_params, prompts=all_prompts)
             inference.attach(zs_model)
             zs_predict = functools.partial(predict_probs, zs_model, zs_processor, device=device, batch_size=batch_size)
-            add_zero_shot(result, zs_predict, manifest, repo_root, batch_size)
+            add_zero_shot(result, zs_predict, test, batch_size)
         replace_dir(staging, predictions_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    result.metrics |= runtime | footprint | {"runtime.device": device_name(device), "inference.mode": inference.mode,
-                                             "inference.scale": inference.scale}
+    result.metrics |= (
+        runtime
+        | footprint
+        | {"runtime.device": device_name(device), "inference.mode": inference.mode, "inference.scale": inference.scale}
+    )
     write_outputs(result, metrics_path, plots_dir)
     return result

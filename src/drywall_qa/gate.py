@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from drywall_qa.errors import DrywallQAError
 from drywall_qa.params import ParamsError, load_params
 
 
-class GateError(RuntimeError):
+class GateError(DrywallQAError, RuntimeError):
     """The gate cannot decide (dvc failed, patterns match nothing); exit code 2."""
 
 
@@ -74,7 +75,9 @@ def split_metrics_diff(diff: dict[str, dict[str, dict[str, Any]]], metrics_file:
     entries = diff.get(metrics_file)
     if entries is None:
         found = ", ".join(diff) or "none"
-        raise GateError(f"`dvc metrics diff` reports nothing for {metrics_file} (files: {found}); is it a metric in dvc.yaml?")
+        raise GateError(
+            f"`dvc metrics diff` reports nothing for {metrics_file} (files: {found}); is it a metric in dvc.yaml?"
+        )
     baseline = {key: entry.get("old") for key, entry in entries.items() if entry.get("old") is not None}
     current = {key: entry.get("new") for key, entry in entries.items() if entry.get("new") is not None}
     return baseline, current
@@ -83,7 +86,18 @@ def split_metrics_diff(diff: dict[str, dict[str, dict[str, Any]]], metrics_file:
 def run_metrics_diff(metrics_file: str, baseline_rev: str = "HEAD", repo: str | Path = ".") -> dict:
     """`dvc metrics diff --json --all <rev> -- <file>`: the baseline at `rev` against the workspace."""
     # this interpreter's dvc (a dependency of the package), not whichever `dvc` is first on PATH
-    command = [sys.executable, "-m", "dvc", "metrics", "diff", "--json", "--all", baseline_rev, "--targets", metrics_file]
+    command = [
+        sys.executable,
+        "-m",
+        "dvc",
+        "metrics",
+        "diff",
+        "--json",
+        "--all",
+        baseline_rev,
+        "--targets",
+        metrics_file,
+    ]
     try:
         result = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.SubprocessError) as error:

@@ -25,13 +25,14 @@ import torch
 from PIL import Image
 from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
+from drywall_qa.errors import DrywallQAError
 from drywall_qa.model import decode, encode_images, encode_prompts, pair_activations, resize_logits, tokenize_prompts
 
 INFERENCE_MODES = ("resize", "whole", "sliding")
 CONFIG_KEY = "drywall_inference"  # the checkpoint config.json attribute that carries the setting
 
 
-class InferenceConfigError(ValueError):
+class InferenceConfigError(DrywallQAError, ValueError):
     """An `inference` parameter that cannot make masks."""
 
 
@@ -40,8 +41,8 @@ class InferenceConfig:
     """How masks are made at the photo's resolution (params.yaml `inference`)."""
 
     mode: str = "resize"
-    scale: float = 1.0     # whole/sliding: the photo's scale before the pass (training crops share it)
-    overlap: float = 0.5   # sliding: fraction of a window shared with its neighbour
+    scale: float = 1.0  # whole/sliding: the photo's scale before the pass (training crops share it)
+    overlap: float = 0.5  # sliding: fraction of a window shared with its neighbour
 
     def __post_init__(self) -> None:
         if self.mode not in INFERENCE_MODES:
@@ -58,8 +59,11 @@ class InferenceConfig:
         if unknown:
             raise InferenceConfigError(f"unknown inference params {unknown}; known: {sorted(cls.__dataclass_fields__)}")
         try:
-            return cls(mode=str(section.get("mode", "resize")), scale=float(section.get("scale", 1.0)),
-                       overlap=float(section.get("overlap", 0.5)))
+            return cls(
+                mode=str(section.get("mode", "resize")),
+                scale=float(section.get("scale", 1.0)),
+                overlap=float(section.get("overlap", 0.5)),
+            )
         except (TypeError, ValueError) as error:
             if isinstance(error, InferenceConfigError):
                 raise
@@ -260,6 +264,8 @@ def _native_batch_logits(model, processor, batch, conditional, config, device) -
         by_size.setdefault(tuple(tensor.shape), []).append(index)
     for indices in by_size.values():
         stacked = torch.stack([pixels[index] for index in indices]).to(device, non_blocking=True)
-        for index, image_logits in zip(indices, native_logits(model, stacked, conditional, config, window), strict=True):
+        for index, image_logits in zip(
+            indices, native_logits(model, stacked, conditional, config, window), strict=True
+        ):
             logits[index] = image_logits
     return logits

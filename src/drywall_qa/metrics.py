@@ -92,11 +92,6 @@ def threshold_counts(probs: np.ndarray, gt: np.ndarray, thresholds: Sequence[flo
     return counts
 
 
-def binarize(probs: np.ndarray, threshold: float) -> np.ndarray:
-    """Foreground where the probability reaches the threshold (`>=`), the rule used everywhere."""
-    return probs >= threshold
-
-
 def summarize(pair_counts: Iterable[Counts]) -> dict[str, float]:
     """mIoU and mean Dice over pairs, plus dataset-level IoU, Dice, pixel accuracy, precision, recall.
 

@@ -6,7 +6,9 @@ Input: a pandas DataFrame with string columns
   model opted in with the environment variable `DRYWALL_QA_PYFUNC_LOCAL_PATHS=1`: under
   `mlflow models serve` any client could otherwise make the server read (and probe) its own files.
 - `prompt`: the text prompt, e.g. `segment crack`.
-Params: `threshold` (a pixel whose probability is >= it is in the mask, default 0.5).
+Params: `threshold` (a pixel whose probability is >= it is in the mask). By default each prompt
+uses the threshold evaluation chose for it on val (the model's `thresholds.json`; 0.5 for a prompt
+it has none for).
 Output: a list with one mask per row, a `uint8` array `[H, W]` with values {0, 255} at the image's
 original size (the same contract as the pipeline's mask PNGs).
 
@@ -31,14 +33,18 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
+from drywall_qa.contracts.thresholds import DEFAULT_THRESHOLD, read_thresholds
+from drywall_qa.errors import DrywallQAError
+
 CHECKPOINT_ARTIFACT = "checkpoint"
+THRESHOLDS_ARTIFACT = "thresholds"
 INPUT_COLUMNS = ("image", "prompt")
 
 
 LOCAL_PATHS_ENV = "DRYWALL_QA_PYFUNC_LOCAL_PATHS"
 
 
-class ImageInputError(ValueError):
+class ImageInputError(DrywallQAError, ValueError):
     """An `image` value is not base64 image bytes (nor, with the opt-in, an existing file)."""
 
 
@@ -66,7 +72,9 @@ def decode_image(value: str, allow_paths: bool | None = None) -> Image.Image:
     except (binascii.Error, ValueError, OSError):
         shown = value if len(value) <= 80 else value[:77] + "..."
         if allow_paths:
-            raise ImageInputError(f"image {shown!r} is neither an existing file nor base64-encoded image bytes") from None
+            raise ImageInputError(
+                f"image {shown!r} is neither an existing file nor base64-encoded image bytes"
+            ) from None
         raise ImageInputError(
             f"image {shown!r} is not base64-encoded image bytes (file paths are read only with {LOCAL_PATHS_ENV}=1)"
         ) from None
@@ -81,15 +89,17 @@ class ClipSegPyfunc(mlflow.pyfunc.PythonModel):
 
         self.model, self.processor = load_model(context.artifacts[CHECKPOINT_ARTIFACT])
         self.device = select_device()
+        path = context.artifacts.get(THRESHOLDS_ARTIFACT)
+        self.thresholds = read_thresholds(path) if path else {}
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[np.ndarray]:
+        from drywall_qa.contracts.masks import binarize
         from drywall_qa.inference import predict_probs
-        from drywall_qa.metrics import binarize
 
         missing = [column for column in INPUT_COLUMNS if column not in model_input.columns]
         if missing:
             raise ValueError(f"input DataFrame lacks columns {missing}; expected {list(INPUT_COLUMNS)}")
-        threshold = float((params or {}).get("threshold", 0.5))
+        override = (params or {}).get("threshold")
         masks: list[np.ndarray | None] = [None] * len(model_input)
         rows_by_image: dict[str, list[int]] = {}
         for row, value in enumerate(model_input["image"]):
@@ -99,20 +109,31 @@ class ClipSegPyfunc(mlflow.pyfunc.PythonModel):
             prompts = list(dict.fromkeys(str(model_input["prompt"].iloc[row]) for row in rows))
             (probs,) = predict_probs(self.model, self.processor, [image], prompts, device=self.device)
             for row in rows:
-                prompt_index = prompts.index(str(model_input["prompt"].iloc[row]))
-                masks[row] = binarize(probs[prompt_index], threshold).astype(np.uint8) * 255
+                prompt = str(model_input["prompt"].iloc[row])
+                threshold = float(override) if override is not None else self.thresholds.get(prompt, DEFAULT_THRESHOLD)
+                masks[row] = binarize(probs[prompts.index(prompt)], threshold).astype(np.uint8) * 255
         return masks
 
 
 def pyfunc_signature() -> ModelSignature:
     return ModelSignature(
         inputs=Schema([ColSpec("string", "image"), ColSpec("string", "prompt")]),
-        params=ParamSchema([ParamSpec("threshold", "double", 0.5)]),
+        params=ParamSchema([ParamSpec("threshold", "double", None)]),  # None: the val-chosen ones
     )
 
 
-def pip_requirements(packages: Sequence[str] = ("torch", "transformers", "tokenizers", "safetensors",
-                                                "pillow", "numpy", "pandas", "mlflow")) -> list[str]:
+def pip_requirements(
+    packages: Sequence[str] = (
+        "torch",
+        "transformers",
+        "tokenizers",
+        "safetensors",
+        "pillow",
+        "numpy",
+        "pandas",
+        "mlflow",
+    ),
+) -> list[str]:
     """Pinned requirements of the serving environment (no slow inference by MLflow)."""
     pinned = []
     for package in packages:
@@ -124,9 +145,13 @@ def pip_requirements(packages: Sequence[str] = ("torch", "transformers", "tokeni
 
 
 def log_pyfunc_model(
-    checkpoint_dir: str | Path, registered_model_name: str | None = None, name: str = "model"
+    checkpoint_dir: str | Path,
+    thresholds_file: str | Path | None = None,
+    registered_model_name: str | None = None,
+    name: str = "model",
 ) -> mlflow.models.model.ModelInfo:
-    """Log `checkpoint_dir` (a `save_pretrained` folder) as a pyfunc model of the active run.
+    """Log `checkpoint_dir` (a `save_pretrained` folder) as a pyfunc model of the active run, with
+    `thresholds_file` (contracts.thresholds) as its default per-prompt thresholds.
 
     The `drywall_qa` package goes with it (`code_paths`), so the model loads where the package is
     not installed. Registers it under `registered_model_name` when given.
@@ -138,7 +163,8 @@ def log_pyfunc_model(
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=ClipSegPyfunc(),
-        artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_dir)},
+        artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_dir)}
+        | ({THRESHOLDS_ARTIFACT: str(thresholds_file)} if thresholds_file else {}),
         code_paths=[str(package_dir)],
         signature=pyfunc_signature(),
         pip_requirements=pip_requirements(),

@@ -34,6 +34,8 @@ from transformers import (
     ViTImageProcessorPil,
 )
 
+from drywall_qa.errors import DrywallQAError
+
 # CLIPSeg's published checkpoints normalise with the ImageNet statistics.
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
@@ -47,10 +49,14 @@ MAX_PROMPT_TOKENS = 77  # CLIP's context length; every preset keeps it so any pr
 # Keys: vision/text go to the sub-configs, the rest to CLIPSegConfig.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
-        "vision": {"hidden_size": 96, "intermediate_size": 384, "num_hidden_layers": 4,
-                   "num_attention_heads": 4, "patch_size": 16},
-        "text": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
-                 "num_attention_heads": 2},
+        "vision": {
+            "hidden_size": 96,
+            "intermediate_size": 384,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "patch_size": 16,
+        },
+        "text": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2},
         "projection_dim": 64,
         "extract_layers": [1, 2, 3],
         "reduce_dim": 64,
@@ -59,10 +65,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "use_complex_transposed_convolution": True,
     },
     "small": {
-        "vision": {"hidden_size": 192, "intermediate_size": 768, "num_hidden_layers": 6,
-                   "num_attention_heads": 4, "patch_size": 16},
-        "text": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 3,
-                 "num_attention_heads": 4},
+        "vision": {
+            "hidden_size": 192,
+            "intermediate_size": 768,
+            "num_hidden_layers": 6,
+            "num_attention_heads": 4,
+            "patch_size": 16,
+        },
+        "text": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 3, "num_attention_heads": 4},
         "projection_dim": 128,
         "extract_layers": [1, 3, 5],
         "reduce_dim": 64,
@@ -79,7 +89,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(DrywallQAError, ValueError):
     """A preset, image size or weights argument that cannot build a model."""
 
 
@@ -341,17 +351,18 @@ def decode(
         chunk_pairs = decoder_chunk_pairs(model, activations[0].shape[1], activations[0].device)
     if chunk_pairs is None or chunk_pairs >= pairs:
         return model.decoder(list(activations), conditional).logits
-    return torch.cat([
-        model.decoder([layer[start : start + chunk_pairs] for layer in activations],
-                      conditional[start : start + chunk_pairs]).logits
-        for start in range(0, pairs, chunk_pairs)
-    ])
+    return torch.cat(
+        [
+            model.decoder(
+                [layer[start : start + chunk_pairs] for layer in activations], conditional[start : start + chunk_pairs]
+            ).logits
+            for start in range(0, pairs, chunk_pairs)
+        ]
+    )
 
 
 def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize of `[N, h, w]` logits to `size` (no-op when equal)."""
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
-    return torch.nn.functional.interpolate(logits.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[
-        :, 0
-    ]
+    return torch.nn.functional.interpolate(logits.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0]

@@ -22,6 +22,8 @@ from __future__ import annotations
 import os
 import sys
 
+from drywall_qa.errors import DrywallQAError
+
 CPU_NUMERICS = ("portable", "native")
 # MKL_DYNAMIC=FALSE: MKL otherwise may use fewer threads than asked when the machine is busy, and a
 # GEMM split over another thread count sums in another order: a busy CI runner would drift from the
@@ -29,7 +31,7 @@ CPU_NUMERICS = ("portable", "native")
 PORTABLE_ENVIRONMENT = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE", "MKL_DYNAMIC": "FALSE"}
 
 
-class NumericsError(RuntimeError):
+class NumericsError(DrywallQAError, RuntimeError):
     """An unknown mode, or portable numerics asked for after torch was imported."""
 
 

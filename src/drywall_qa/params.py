@@ -8,7 +8,6 @@ e.g. `params.yaml: lr must be a number, got 'abc'`. Stages get plain dicts of ch
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -16,12 +15,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
+from drywall_qa.errors import DrywallQAError
+
 Fraction = Annotated[float, Field(ge=0, le=1)]
 Positive = Annotated[int, Field(gt=0)]
 NonNegative = Annotated[int, Field(ge=0)]
 
 
-class ParamsError(ValueError):
+class ParamsError(DrywallQAError, ValueError):
     """params.yaml is unreadable or a value breaks the schema; the message names the key."""
 
 
@@ -102,7 +103,10 @@ class TrainParams(_Section):
     cache_activations: bool
     cached_views: Positive
     num_threads: Positive
-    crop_scale_jitter: Annotated[list[Annotated[float, Field(ge=0.1, le=4)]], Field(min_length=2, max_length=2)] = [1.0, 1.0]
+    crop_scale_jitter: Annotated[list[Annotated[float, Field(ge=0.1, le=4)]], Field(min_length=2, max_length=2)] = [
+        1.0,
+        1.0,
+    ]
     crop_foreground_prob: Fraction = 0.5
 
 
@@ -146,10 +150,16 @@ class Params(_Section):
 
 
 _KINDS = {
-    "float_parsing": "must be a number", "float_type": "must be a number",
-    "int_parsing": "must be an integer", "int_type": "must be an integer", "int_from_float": "must be an integer",
-    "bool_parsing": "must be true or false", "bool_type": "must be true or false",
-    "string_type": "must be a string", "missing": "is missing", "extra_forbidden": "is not a known parameter",
+    "float_parsing": "must be a number",
+    "float_type": "must be a number",
+    "int_parsing": "must be an integer",
+    "int_type": "must be an integer",
+    "int_from_float": "must be an integer",
+    "bool_parsing": "must be true or false",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+    "missing": "is missing",
+    "extra_forbidden": "is not a known parameter",
 }
 
 
@@ -191,15 +201,6 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     except OSError as error:
         raise ParamsError(f"cannot read {path}: {error.strerror}") from None
     return load_params_text(text, str(path))
-
-
-def load_stage_params(stage: str, path: str | Path = "params.yaml") -> dict[str, Any]:
-    """`load_params` for a stage entry point: a bad params file ends the stage with one line, exit 2."""
-    try:
-        return load_params(path)
-    except ParamsError as error:
-        print(f"{stage}: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -15,13 +15,14 @@ from typing import Any
 
 import yaml
 
-from drywall_qa.naming import prompt_slug
+from drywall_qa.contracts.naming import prompt_slug
+from drywall_qa.errors import DrywallQAError
 
 SPLITS = ("train", "val", "test")
 FIGURES_FROM_REPORT = "../plots/figures"  # reports/ -> plots/figures/
 
 
-class ReportError(RuntimeError):
+class ReportError(DrywallQAError, RuntimeError):
     """A report input is missing or lacks a value; the message names the file."""
 
 
@@ -107,12 +108,17 @@ def describe_source(source: dict) -> tuple[str, str]:
         )
     if kind == "roboflow":
         projects = [f"`{d['workspace']}/{d['project']}` v{d['version']}" for d in datasets.values()]
-        return "real data (Roboflow exports via the SDK)", "Roboflow Universe exports downloaded with the SDK: " + ", ".join(projects)
+        return (
+            "real data (Roboflow exports via the SDK)",
+            "Roboflow Universe exports downloaded with the SDK: " + ", ".join(projects),
+        )
     if kind == "local":
         paths = [f"{name}: `{d.get('path')}`" for name, d in datasets.items()]
         sliced = source.get("limit_per_dataset") or 0
         note = f" (a seeded slice of at most {sliced} images per dataset)" if sliced else ""
-        return "real data (Roboflow exports from local files)", "Roboflow exports read from local files: " + ", ".join(paths) + note
+        return "real data (Roboflow exports from local files)", "Roboflow exports read from local files: " + ", ".join(
+            paths
+        ) + note
     return str(kind), str(kind)
 
 
@@ -192,11 +198,18 @@ def approach_section(inputs: ReportInputs, params: dict) -> str:
                 ("training images", describe_training_geometry(params)),
                 ("masks made by", describe_inference(params)),
                 ("backbone", "frozen (decoder only)" if inputs.train.get("frozen_backbone") else "trained"),
-                ("parameters", f"{int(_need(m, 'footprint.params', 'metrics/eval.json')):,}"
-                 + (f" ({int(trainable):,} trainable)" if trainable is not None else "")),
+                (
+                    "parameters",
+                    f"{int(_need(m, 'footprint.params', 'metrics/eval.json')):,}"
+                    + (f" ({int(trainable):,} trainable)" if trainable is not None else ""),
+                ),
                 ("loss", f"{train['bce_weight']} x BCE + {train['dice_weight']} x Dice"),
-                ("negative prompts", "yes: images also paired with the other dataset's prompts and an empty mask"
-                 if train["negative_prompts"] else "no"),
+                (
+                    "negative prompts",
+                    "yes: images also paired with the other dataset's prompts and an empty mask"
+                    if train["negative_prompts"]
+                    else "no",
+                ),
             ],
         ),
         "",
@@ -212,8 +225,10 @@ def describe_training_geometry(params: dict) -> str:
     if inference.get("mode", "resize") == "resize":
         return f"whole photos resized to {side} x {side}"
     low, high = train.get("crop_scale_jitter", (1.0, 1.0))
-    return (f"{side} x {side} crops of the photo scaled by {inference.get('scale', 1.0):g} (jitter x{low:g}-{high:g}), "
-            f"{train.get('crop_foreground_prob', 0.5):.0%} of them centred on foreground")
+    return (
+        f"{side} x {side} crops of the photo scaled by {inference.get('scale', 1.0):g} (jitter x{low:g}-{high:g}), "
+        f"{train.get('crop_foreground_prob', 0.5):.0%} of them centred on foreground"
+    )
 
 
 def describe_inference(params: dict) -> str:
@@ -222,8 +237,10 @@ def describe_inference(params: dict) -> str:
     if mode == "whole":
         return f"one pass over the whole photo scaled by {scale:g}, upsampled to its size"
     if mode == "sliding":
-        return (f"{side} px windows over the photo scaled by {scale:g}, overlap {inference.get('overlap', 0.5):g}, "
-                "logits averaged")
+        return (
+            f"{side} px windows over the photo scaled by {scale:g}, overlap {inference.get('overlap', 0.5):g}, "
+            "logits averaged"
+        )
     return f"the photo resized to {side} x {side}, probabilities upsampled to its size"
 
 
@@ -233,8 +250,16 @@ def data_section(inputs: ReportInputs) -> str:
     source_rows = []
     for name, d in inputs.source.get("datasets", {}).items():
         folders = ", ".join(f"{split} {c['images']}" for split, c in d.get("splits", {}).items())
-        source_rows.append((name, d.get("format", "?"), d.get("geometry", "?"), d.get("images", "?"),
-                            d.get("annotations", "?"), folders))
+        source_rows.append(
+            (
+                name,
+                d.get("format", "?"),
+                d.get("geometry", "?"),
+                d.get("images", "?"),
+                d.get("annotations", "?"),
+                folders,
+            )
+        )
     lines += [_table(["dataset", "format", "geometry", "images", "annotations", "export folders"], source_rows), ""]
 
     conversion = _need(inputs.conversion, "datasets", "metrics/conversion.json")
@@ -242,18 +267,42 @@ def data_section(inputs: ReportInputs) -> str:
     for name, d in conversion.items():
         annotations, images = d["annotations"], d["images"]
         kinds = ", ".join(f"{k} {v}" for k, v in annotations.get("converted_by_kind", {}).items() if v)
-        rows.append((name, images["seen"], images["converted"], images["skipped"], images.get("empty_masks", "?"),
-                     annotations["seen"], annotations["converted"], kinds or "–", annotations["skipped"]))
+        rows.append(
+            (
+                name,
+                images["seen"],
+                images["converted"],
+                images["skipped"],
+                images.get("empty_masks", "?"),
+                annotations["seen"],
+                annotations["converted"],
+                kinds or "–",
+                annotations["skipped"],
+            )
+        )
         for what, counts in (("annotations", annotations), ("images", images)):
             reasons = {r: n for r, n in counts.get("skipped_by_reason", {}).items() if n}
             if reasons:
-                skip_lines.append(f"- {name}: skipped {what} by reason: "
-                                  + ", ".join(f"`{r}` {n}" for r, n in reasons.items()))
+                skip_lines.append(
+                    f"- {name}: skipped {what} by reason: " + ", ".join(f"`{r}` {n}" for r, n in reasons.items())
+                )
     lines += [
         "Conversion to masks (one {0, 255} PNG per image and prompt; the union of the image's instances):",
         "",
-        _table(["dataset", "images seen", "converted", "skipped", "empty masks", "annotations seen", "converted",
-                "converted as", "skipped"], rows),
+        _table(
+            [
+                "dataset",
+                "images seen",
+                "converted",
+                "skipped",
+                "empty masks",
+                "annotations seen",
+                "converted",
+                "converted as",
+                "skipped",
+            ],
+            rows,
+        ),
         "",
     ]
     lines += (skip_lines or ["- No annotation or image was skipped."]) + [""]
@@ -265,17 +314,26 @@ def data_section(inputs: ReportInputs) -> str:
             c = per_split[s]
             split_rows.append((name, s, c["images"], c["groups"], c["pairs"], f"{c['image_fraction']:.1%}"))
         # groups never cross splits, so the per-split counts add up to the dataset's unique source images
-        split_rows.append((f"**{name}**", "all", sum(per_split[s]["images"] for s in SPLITS),
-                           sum(per_split[s]["groups"] for s in SPLITS), sum(per_split[s]["pairs"] for s in SPLITS),
-                           "100%"))
+        split_rows.append(
+            (
+                f"**{name}**",
+                "all",
+                sum(per_split[s]["images"] for s in SPLITS),
+                sum(per_split[s]["groups"] for s in SPLITS),
+                sum(per_split[s]["pairs"] for s in SPLITS),
+                "100%",
+            )
+        )
     leaks = ", ".join(f"{name} {d.get('groups_across_source_splits', '?')}" for name, d in split.items())
     lines += [
         f"Split (seed {inputs.split.get('seed')}): Roboflow's own folders are merged and re-split per dataset, "
         "grouped by source image, so no source image (and none of its augmented copies) is in two splits. "
         f"Source images that Roboflow had spread over more than one folder: {leaks}.",
         "",
-        _table(["dataset", "split", "images", "unique source images", "(image, prompt) pairs", "share of images"],
-               split_rows),
+        _table(
+            ["dataset", "split", "images", "unique source images", "(image, prompt) pairs", "share of images"],
+            split_rows,
+        ),
     ]
     return "\n".join(lines)
 
@@ -323,22 +381,66 @@ def results_section(inputs: ReportInputs, params: dict) -> str:
     for dataset, prompts in params["prompts"].items():
         for prompt in prompts:
             key = f"test.{prompt_slug(prompt)}"
-            rows.append((dataset, f"`{prompt}`", f"{_need(m, f'threshold.{prompt_slug(prompt)}', 'metrics/eval.json'):g}",
-                         _score(_need(m, f"{key}.miou", "metrics/eval.json")), _score(m.get(f"{key}.dice")),
-                         _score(m.get(f"{key}.iou_dataset")), _score(m.get(f"{key}.precision")),
-                         _score(m.get(f"{key}.recall")), _score(m.get(f"zero_shot.{key}.miou")), m.get(f"{key}.pairs")))
-        rows.append((f"**{dataset}**", "all its prompts", "", _score(m.get(f"test.{dataset}.miou")),
-                     _score(m.get(f"test.{dataset}.dice")), _score(m.get(f"test.{dataset}.iou_dataset")),
-                     _score(m.get(f"test.{dataset}.precision")), _score(m.get(f"test.{dataset}.recall")),
-                     _score(m.get(f"zero_shot.test.{dataset}.miou")), m.get(f"test.{dataset}.pairs")))
-    rows.append(("**all**", "", "", _score(m["test.miou"]), _score(m.get("test.dice")), _score(m.get("test.iou_dataset")),
-                 _score(m.get("test.precision")), _score(m.get("test.recall")), _score(m.get("zero_shot.test.miou")),
-                 m.get("test.pairs")))
+            rows.append(
+                (
+                    dataset,
+                    f"`{prompt}`",
+                    f"{_need(m, f'threshold.{prompt_slug(prompt)}', 'metrics/eval.json'):g}",
+                    _score(_need(m, f"{key}.miou", "metrics/eval.json")),
+                    _score(m.get(f"{key}.dice")),
+                    _score(m.get(f"{key}.iou_dataset")),
+                    _score(m.get(f"{key}.precision")),
+                    _score(m.get(f"{key}.recall")),
+                    _score(m.get(f"zero_shot.{key}.miou")),
+                    m.get(f"{key}.pairs"),
+                )
+            )
+        rows.append(
+            (
+                f"**{dataset}**",
+                "all its prompts",
+                "",
+                _score(m.get(f"test.{dataset}.miou")),
+                _score(m.get(f"test.{dataset}.dice")),
+                _score(m.get(f"test.{dataset}.iou_dataset")),
+                _score(m.get(f"test.{dataset}.precision")),
+                _score(m.get(f"test.{dataset}.recall")),
+                _score(m.get(f"zero_shot.test.{dataset}.miou")),
+                m.get(f"test.{dataset}.pairs"),
+            )
+        )
+    rows.append(
+        (
+            "**all**",
+            "",
+            "",
+            _score(m["test.miou"]),
+            _score(m.get("test.dice")),
+            _score(m.get("test.iou_dataset")),
+            _score(m.get("test.precision")),
+            _score(m.get("test.recall")),
+            _score(m.get("zero_shot.test.miou")),
+            m.get("test.pairs"),
+        )
+    )
     lines = [
         "## Test results",
         "",
-        _table(["dataset", "prompt", "threshold", "mIoU", "Dice", "IoU (dataset)", "precision", "recall",
-                "zero-shot mIoU", "pairs"], rows),
+        _table(
+            [
+                "dataset",
+                "prompt",
+                "threshold",
+                "mIoU",
+                "Dice",
+                "IoU (dataset)",
+                "precision",
+                "recall",
+                "zero-shot mIoU",
+                "pairs",
+            ],
+            rows,
+        ),
         "",
         "Definitions:",
         "",
@@ -384,8 +486,11 @@ def reference_section(inputs: ReportInputs) -> str | None:
     if inputs.source.get("source") not in ("local", "roboflow"):
         return None
     m = inputs.eval
-    ours = (f"this run: {describe_weights(inputs.train.get('weights_init', ''))}, group split (test)",
-            _score(m.get("test.cracks.miou")), _score(m.get("test.taping.miou")))
+    ours = (
+        f"this run: {describe_weights(inputs.train.get('weights_init', ''))}, group split (test)",
+        _score(m.get("test.cracks.miou")),
+        _score(m.get("test.taping.miou")),
+    )
     return "\n".join(
         [
             "## Reference points (published elsewhere, not measured here)",
@@ -438,14 +543,16 @@ def stage_seconds_section(stage_seconds: dict[str, float] | None) -> str | None:
         return None
     rows = [(stage, f"{seconds:,.1f}") for stage, seconds in stage_seconds.items()]
     rows.append(("**all stages above**", f"**{sum(stage_seconds.values()):,.1f}**"))
-    return "\n".join([
-        "### Wall time per stage",
-        "",
-        "Seconds each stage of this pipeline execution took (MLflow `stage_seconds` of its child runs; the",
-        "report stage itself is not finished when this is written; stages DVC skipped as unchanged are absent).",
-        "",
-        _table(["stage", "seconds"], rows),
-    ])
+    return "\n".join(
+        [
+            "### Wall time per stage",
+            "",
+            "Seconds each stage of this pipeline execution took (MLflow `stage_seconds` of its child runs; the",
+            "report stage itself is not finished when this is written; stages DVC skipped as unchanged are absent).",
+            "",
+            _table(["stage", "seconds"], rows),
+        ]
+    )
 
 
 def runtime_section(inputs: ReportInputs) -> str:
@@ -454,12 +561,19 @@ def runtime_section(inputs: ReportInputs) -> str:
     rows = [
         ("device", f"`{need('runtime.device')}`"),
         ("latency, 1 prompt", f"{need('runtime.ms_per_image_1_prompt'):.1f} ms / image"),
-        (f"latency, all {need('runtime.n_prompts_all')} prompts (one vision pass)",
-         f"{need('runtime.ms_per_image_all_prompts'):.1f} ms / image"),
-        (f"throughput, batch of {need('runtime.timing_images')} images, all prompts",
-         f"{need('runtime.images_per_s'):.1f} images / s"),
+        (
+            f"latency, all {need('runtime.n_prompts_all')} prompts (one vision pass)",
+            f"{need('runtime.ms_per_image_all_prompts'):.1f} ms / image",
+        ),
+        (
+            f"throughput, batch of {need('runtime.timing_images')} images, all prompts",
+            f"{need('runtime.images_per_s'):.1f} images / s",
+        ),
         ("parameters", f"{int(need('footprint.params')):,}"),
-        ("checkpoint on disk", f"{_mib(need('footprint.checkpoint_bytes'))} ({int(need('footprint.checkpoint_bytes')):,} bytes)"),
+        (
+            "checkpoint on disk",
+            f"{_mib(need('footprint.checkpoint_bytes'))} ({int(need('footprint.checkpoint_bytes')):,} bytes)",
+        ),
         ("peak memory (RSS) of the evaluation", _mib(need("footprint.peak_rss_bytes"))),
     ]
     if "footprint.peak_gpu_bytes" in m:
@@ -477,7 +591,9 @@ def runtime_section(inputs: ReportInputs) -> str:
     )
 
 
-def reproducibility_section(params: dict, git_commit: str, raw_data_hash: str | None, mlflow_ids: dict[str, str]) -> str:
+def reproducibility_section(
+    params: dict, git_commit: str, raw_data_hash: str | None, mlflow_ids: dict[str, str]
+) -> str:
     lines = [
         "## Reproducibility",
         "",
@@ -540,8 +656,10 @@ def markdown_to_html(markdown: str, title: str = "drywall-qa report") -> str | N
         "img{max-width:100%}blockquote{border-left:4px solid #d33;margin-left:0;padding-left:1em;color:#333}"
         "code{background:#f4f4f4;padding:0 .2em}"
     )
-    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title>"
-            f"<style>{style}</style></head><body>\n{body}</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title>'
+        f"<style>{style}</style></head><body>\n{body}</body></html>\n"
+    )
 
 
 def write_report(markdown: str, out_dir: str | Path) -> list[Path]:

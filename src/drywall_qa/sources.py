@@ -38,24 +38,30 @@ import numpy as np
 import requests
 from PIL import Image, UnidentifiedImageError
 
-from drywall_qa.naming import image_id_of, source_group
+from drywall_qa.contracts.naming import image_id_of, source_group
+from drywall_qa.contracts.roboflow import (
+    COCO_ANNOTATIONS,
+    IMAGE_SUFFIXES,
+    ExportFormatError,
+    coco_split_dirs,
+    detect_format,
+    find_export_root,
+    yolo_split_dirs,
+)
+from drywall_qa.errors import DrywallQAError
 from drywall_qa.synthetic import DATASET_SPECS, InvalidGeneratorParams, generate_exports
 
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "ROBOFLOW_API_KEY"
 SOURCE_FILE = "source.json"
-COCO_ANNOTATIONS = "_annotations.coco.json"
-YOLO_DATA_FILE = "data.yaml"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 # Downloaded files that are text and may be scrubbed of the API key; the key in any other
 # file (an image) cannot be removed without corrupting it and is an error.
 TEXT_SUFFIXES = {".txt", ".json", ".yaml", ".yml", ".csv", ".xml", ".md", ".html"}
-SPLIT_ORDER = {"train": 0, "valid": 1, "val": 2, "test": 3}
 SOURCES = ("synthetic", "roboflow", "local")
 
 
-class DownloadError(RuntimeError):
+class DownloadError(DrywallQAError):
     """Base of every error the download stage reports as one line."""
 
 
@@ -69,10 +75,6 @@ class RoboflowUnavailableError(DownloadError):
 
 class RoboflowDownloadError(DownloadError):
     """The Roboflow API answered, but not with the export (bad key, unknown project, ...)."""
-
-
-class ExportFormatError(DownloadError):
-    """A folder or zip that is not a recognisable Roboflow COCO or YOLO export."""
 
 
 class UnsafeArchiveError(DownloadError):
@@ -121,7 +123,9 @@ def fetch_raw_data(
                 try:
                     validate(staging / name, name)
                 except Exception as error:
-                    message = name_user_files(str(error), staging / name, user_origin(data_params, name, Path(repo_root)))
+                    message = name_user_files(
+                        str(error), staging / name, user_origin(data_params, name, Path(repo_root))
+                    )
                     raise ExportFormatError(f"{name}: {message}") from None
         return record
 
@@ -222,8 +226,14 @@ def _fill_roboflow(
     api_url = None
     for name, project in params["datasets"].items():
         dest = staging / name
-        log.info("downloading %s: %s/%s v%s (%s)", name, project["workspace"], project["project"], project["version"],
-                 export_format)
+        log.info(
+            "downloading %s: %s/%s v%s (%s)",
+            name,
+            project["workspace"],
+            project["project"],
+            project["version"],
+            export_format,
+        )
         api_url = download_roboflow_export(
             api_key, project["workspace"], project["project"], int(project["version"]), export_format, dest
         )
@@ -265,7 +275,7 @@ def download_roboflow_export(
             client.workspace(workspace).project(project).version(version).download(
                 export_format, location=str(dest), overwrite=True
             )
-    except Exception as error:  # noqa: BLE001 - every SDK error may carry the key; all are re-raised redacted
+    except Exception as error:
         detail = _one_line(redact(f"{type(error).__name__}: {error}", api_key))
         sdk_said = _one_line(redact(captured.getvalue(), api_key))[-300:]
         if sdk_said:
@@ -378,7 +388,7 @@ def import_local_export(source: Path, dest: Path, max_image_pixels: int, limit: 
             refuse_links(source)
             root = find_export_root(source)
             check_image_pixels(root, max_image_pixels)
-        export_format = detect_export_format(root)
+        export_format = detect_format(root)
         keep = None
         if limit > 0:
             available = len(list_images(root, export_format))
@@ -477,51 +487,6 @@ def _check_pixels(stream: IO[bytes], label: str, max_image_pixels: int) -> None:
 # ---------------------------------------------------------------- export layout
 
 
-def _is_export_root(folder: Path) -> bool:
-    return (folder / YOLO_DATA_FILE).is_file() or any(folder.glob(f"*/{COCO_ANNOTATIONS}"))
-
-
-def find_export_root(path: Path) -> Path:
-    """`path` itself, or its only sub-folder, whichever holds the export's split folders."""
-    if _is_export_root(path):
-        return path
-    children = [c for c in path.iterdir() if c.is_dir() and not c.name.startswith((".", "__MACOSX"))]
-    if len(children) == 1 and _is_export_root(children[0]):
-        return children[0]
-    raise ExportFormatError(
-        f"{path} is not a Roboflow export: expected <split>/{COCO_ANNOTATIONS} (COCO) "
-        f"or {YOLO_DATA_FILE} with <split>/images and <split>/labels (YOLO)"
-    )
-
-
-def detect_export_format(root: Path) -> str:
-    """`coco` or `yolo`."""
-    has_coco = any(root.glob(f"*/{COCO_ANNOTATIONS}"))
-    has_yolo = (root / YOLO_DATA_FILE).is_file()
-    if has_coco and has_yolo:
-        raise ExportFormatError(f"{root} holds both a COCO and a YOLO export; keep one")
-    if has_coco:
-        return "coco"
-    if has_yolo and _yolo_split_dirs(root):
-        return "yolo"
-    raise ExportFormatError(
-        f"{root} is not a Roboflow export: expected <split>/{COCO_ANNOTATIONS} (COCO) "
-        f"or {YOLO_DATA_FILE} with <split>/images and <split>/labels (YOLO)"
-    )
-
-
-def _split_key(folder: Path) -> tuple[int, str]:
-    return (SPLIT_ORDER.get(folder.name, len(SPLIT_ORDER)), folder.name)
-
-
-def _coco_split_files(root: Path) -> list[Path]:
-    return sorted(root.glob(f"*/{COCO_ANNOTATIONS}"), key=lambda p: _split_key(p.parent))
-
-
-def _yolo_split_dirs(root: Path) -> list[Path]:
-    return sorted((p for p in root.iterdir() if (p / "images").is_dir()), key=_split_key)
-
-
 def _load_coco(path: Path) -> dict[str, Any]:
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
@@ -543,10 +508,10 @@ def _yolo_label_rows(label_file: Path) -> list[int]:
 
 def describe_export(root: Path) -> dict[str, Any]:
     """Format, geometry and per-split-folder counts of images and annotations."""
-    export_format = detect_export_format(root)
+    export_format = detect_format(root)
     splits: dict[str, dict[str, int]] = {}
     if export_format == "coco":
-        for annotations_file in _coco_split_files(root):
+        for annotations_file in (d / COCO_ANNOTATIONS for d in coco_split_dirs(root)):
             document = _load_coco(annotations_file)
             annotations = document.get("annotations") or []
             splits[annotations_file.parent.name] = {
@@ -555,7 +520,7 @@ def describe_export(root: Path) -> dict[str, Any]:
                 "annotations_with_polygon": sum(1 for a in annotations if a.get("segmentation")),
             }
     else:
-        for split_dir in _yolo_split_dirs(root):
+        for split_dir in yolo_split_dirs(root):
             rows = [
                 count
                 for label_file in sorted((split_dir / "labels").glob("*.txt"))
@@ -582,11 +547,11 @@ def list_images(root: Path, export_format: str) -> list[str]:
     """Relative paths of the export's images: those the COCO files list, or YOLO's `images/` files."""
     images = []
     if export_format == "coco":
-        for annotations_file in _coco_split_files(root):
+        for annotations_file in (d / COCO_ANNOTATIONS for d in coco_split_dirs(root)):
             split = annotations_file.parent.name
             images += [f"{split}/{image['file_name']}" for image in _load_coco(annotations_file)["images"]]
     else:
-        for split_dir in _yolo_split_dirs(root):
+        for split_dir in yolo_split_dirs(root):
             images += [
                 f"{split_dir.name}/images/{p.name}"
                 for p in sorted((split_dir / "images").iterdir())
@@ -624,9 +589,7 @@ def copy_export(root: Path, dest: Path, export_format: str, keep: set[str] | Non
     """
     kept_labels = None
     if keep is not None and export_format == "yolo":
-        kept_labels = {
-            str(PurePosixPath(p).parent.parent / "labels" / (PurePosixPath(p).stem + ".txt")) for p in keep
-        }
+        kept_labels = {str(PurePosixPath(p).parent.parent / "labels" / (PurePosixPath(p).stem + ".txt")) for p in keep}
     for path in sorted(root.rglob("*")):
         if not path.is_file():
             continue
@@ -651,4 +614,3 @@ def _filter_coco(document: dict[str, Any], split: str, keep: set[str]) -> dict[s
     image_ids = {image["id"] for image in images}
     annotations = [a for a in document.get("annotations") or [] if a.get("image_id") in image_ids]
     return {**document, "images": images, "annotations": annotations}
-

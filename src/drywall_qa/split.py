@@ -17,24 +17,19 @@ groups from always landing in train.
 
 from __future__ import annotations
 
-import csv
 import zlib
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from drywall_qa.atomic import write_csv_atomic, write_json_atomic
-from drywall_qa.convert import IMAGES_CSV_COLUMNS
-from drywall_qa.naming import mask_file_name
-
-SPLITS = ("train", "val", "test")
-MANIFEST_COLUMNS = [
-    "dataset", "split", "image_id", "image_path", "mask_path", "prompt", "group", "width", "height", "source_split"
-]
+from drywall_qa.contracts.atomic import write_json_atomic
+from drywall_qa.contracts.manifest import SPLITS, read_images_csv, write_manifest
+from drywall_qa.contracts.naming import mask_file_name
+from drywall_qa.errors import DrywallQAError
 
 
-class SplitError(Exception):
+class SplitError(DrywallQAError):
     """The split cannot be made from this input or these parameters; the stage prints it and exits 1."""
 
 
@@ -49,24 +44,6 @@ def check_fractions(fractions: dict[str, float]) -> dict[str, float]:
     if abs(sum(values.values()) - 1.0) > 1e-6:
         raise SplitError(f"split fractions must sum to 1, got {sum(values.values()):.6f} from {values}")
     return values
-
-
-def read_images_csv(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise SplitError(f"{path} does not exist (run the convert stage)")
-    with open(path, encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames != IMAGES_CSV_COLUMNS:
-            raise SplitError(f"{path}: columns {reader.fieldnames} differ from {IMAGES_CSV_COLUMNS}")
-        rows = list(reader)
-    for line, row in enumerate(rows, start=2):
-        if None in row or any(value is None or value == "" for value in row.values()):
-            raise SplitError(f"{path}:{line}: a field is missing or empty")
-        for column in ("width", "height", "n_instances"):
-            if not row[column].isdigit():
-                raise SplitError(f"{path}:{line}: {column} {row[column]!r} is not a whole number")
-    return rows
 
 
 def assign_groups(
@@ -220,6 +197,6 @@ def write_split(
     images = read_images_csv(images_csv)
     manifest, stats = build_manifest(images, prompts, fractions, seed, masks_dir, shuffles)
     check_masks_exist(manifest, Path(repo_root))
-    write_csv_atomic(manifest_path, MANIFEST_COLUMNS, manifest)
+    write_manifest(manifest_path, manifest)
     write_json_atomic(stats_path, stats)
     return stats

@@ -41,8 +41,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from drywall_qa.contracts.roboflow import COCO_ANNOTATIONS
+from drywall_qa.errors import DrywallQAError
 
-ANNOTATIONS_FILE = "_annotations.coco.json"
 # Fixed so that output never depends on when it was generated (byte-identical exports).
 EXPORT_DATE = "2026-02-13T08:56:57+00:00"
 # Roboflow's usual 70/20/10 split of the uploaded images into its folders.
@@ -53,7 +54,7 @@ SUBPIXEL_BITS = 4  # cv2 drawing with `shift`: coordinates in 1/16 pixel
 SUBPIXEL = 1 << SUBPIXEL_BITS
 
 
-class InvalidGeneratorParams(ValueError):
+class InvalidGeneratorParams(DrywallQAError, ValueError):
     """A `data.synthetic` parameter outside its range."""
 
 
@@ -197,7 +198,7 @@ def generate_export(
         document = _coco_document(spec, split_entries, image_size)
         for _, file_name, _ in split_entries:
             (dest / split / file_name).write_bytes(files[f"{split}/{file_name}"])
-        (dest / split / ANNOTATIONS_FILE).write_text(json.dumps(document), encoding="utf-8")
+        (dest / split / COCO_ANNOTATIONS).write_text(json.dumps(document), encoding="utf-8")
         summary["splits"][split] = {"images": len(document["images"]), "annotations": len(document["annotations"])}
     (dest / "README.roboflow.txt").write_text(_readme(spec, seed, len(entries)), encoding="utf-8")
     summary["images"] = len(entries)
@@ -241,7 +242,7 @@ def augment(
     if rng.random() < 0.25:
         out = cv2.GaussianBlur(out, (0, 0), rng.uniform(0.5, 0.9))
     moved = []
-    for inst, points in zip(instances, points_of):
+    for inst, points in zip(instances, points_of, strict=True):
         if inst.polygon is not None:
             moved.append(Instance(_bounds(points), polygon=points, drop_segmentation=inst.drop_segmentation))
         else:

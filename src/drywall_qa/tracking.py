@@ -34,6 +34,7 @@ import mlflow
 import psutil
 from mlflow.tracking import MlflowClient
 
+from drywall_qa.errors import DrywallQAError
 from drywall_qa.params import flatten
 
 PIPELINE_KEY_TAG = "drywall_qa.pipeline_key"
@@ -45,7 +46,7 @@ HOST_TAG = "drywall_qa.host"
 PID_TAG = "drywall_qa.pid"
 
 
-class TrackingUnavailableError(RuntimeError):
+class TrackingUnavailableError(DrywallQAError, RuntimeError):
     """The MLflow tracking store cannot be reached; raised before any work starts."""
 
 
@@ -59,7 +60,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         yield
         return
 
-    def interrupt(signum, frame):  # noqa: ARG001 - the signal handler signature
+    def interrupt(signum, frame):
         raise StageTerminated(f"signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, interrupt)
@@ -73,7 +74,8 @@ def close_dead_runs(client: MlflowClient, experiment_id: str) -> list[str]:
     """Mark KILLED the RUNNING stage runs of this host whose process is gone (a SIGKILL, a power cut)."""
     host = socket.gethostname()
     stale = client.search_runs(
-        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
         max_results=1000,
     )
     closed = []
@@ -232,8 +234,13 @@ def stage_run(
     if all_params is not None and not client.get_run(parent_id).data.params:
         with mlflow.start_run(run_id=parent_id):
             _log_params(all_params)
-    stage_tags = {**common_tags, "DVC_STAGE": os.environ.get("DVC_STAGE", stage), "stage": stage,
-                  HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    stage_tags = {
+        **common_tags,
+        "DVC_STAGE": os.environ.get("DVC_STAGE", stage),
+        "stage": stage,
+        HOST_TAG: socket.gethostname(),
+        PID_TAG: str(os.getpid()),
+    }
     resumed = bool(resume_run_id) and _run_exists(client, resume_run_id)
     if resumed:
         run = mlflow.start_run(run_id=resume_run_id)
@@ -269,8 +276,10 @@ def pipeline_stage_seconds(parent_run_id: str) -> dict[str, float]:
     client = MlflowClient()
     parent = client.get_run(parent_run_id)
     runs = client.search_runs(
-        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
-        order_by=["attributes.start_time ASC"], max_results=1000,
+        [parent.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=1000,
     )
     seconds: dict[str, float] = {}
     for run in runs:

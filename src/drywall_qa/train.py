@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,19 +38,18 @@ from transformers import (
 )
 
 from drywall_qa.activation_cache import ActivationCache
-from drywall_qa.atomic import write_text_atomic
+from drywall_qa.contracts.atomic import write_text_atomic
+from drywall_qa.contracts.manifest import image_records, prompt_order, prompts_by_dataset, read_manifest
 from drywall_qa.data import (
     CropConfig,
     SegmentationDataset,
     channel_statistics,
     collate_pairs,
-    fingerprint_json,
     file_sha256,
-    image_records,
-    prompts_by_dataset,
-    read_manifest,
+    fingerprint_json,
     size_grouped_batches,
 )
+from drywall_qa.errors import DrywallQAError
 from drywall_qa.inference import InferenceConfig, InferenceConfigError, autocast, native_logits, select_device
 from drywall_qa.model import (
     backbone_is_frozen,
@@ -72,7 +71,7 @@ OPTIMIZER_FILE = "optimizer_state.pt"
 SCHEDULERS = ("cosine", "constant")
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(DrywallQAError, ValueError):
     """Parameters that cannot train."""
 
 
@@ -102,7 +101,7 @@ class TrainConfig:
     num_threads: int
     crop_scale_jitter: tuple[float, float] = (1.0, 1.0)  # native-scale training only (inference mode whole/sliding)
     crop_foreground_prob: float = 0.5
-    inference: InferenceConfig = InferenceConfig()
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
 
     def __post_init__(self) -> None:
         # A config rebuilt from its JSON form (`asdict`, a checkpoint's state) gets its types back.
@@ -114,8 +113,15 @@ class TrainConfig:
     def from_params(cls, params: dict[str, Any]) -> TrainConfig:
         model, train = params["model"], params["train"]
         optional = {"crop_scale_jitter", "crop_foreground_prob"}
-        names = {name for name in cls.__dataclass_fields__} - {"seed", "lr", "preset", "weights", "image_size",
-                                                                "freeze_backbone", "inference"}
+        names = {name for name in cls.__dataclass_fields__} - {
+            "seed",
+            "lr",
+            "preset",
+            "weights",
+            "image_size",
+            "freeze_backbone",
+            "inference",
+        }
         missing = sorted(names - optional - set(train))
         if missing:
             raise TrainConfigError(f"params.yaml train section lacks {missing}")
@@ -142,15 +148,23 @@ class TrainConfig:
 
     def crop(self) -> CropConfig:
         try:
-            return CropConfig(scale_jitter=tuple(self.crop_scale_jitter), foreground_prob=float(self.crop_foreground_prob))
+            return CropConfig(
+                scale_jitter=tuple(self.crop_scale_jitter), foreground_prob=float(self.crop_foreground_prob)
+            )
         except ValueError as error:
             raise TrainConfigError(str(error)) from None
 
     def validate(self) -> None:
         if self.scheduler not in SCHEDULERS:
             raise TrainConfigError(f"train.scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
-        positive = {"lr": self.lr, "epochs": self.epochs, "batch_size": self.batch_size,
-                    "image_size": self.image_size, "cached_views": self.cached_views, "num_threads": self.num_threads}
+        positive = {
+            "lr": self.lr,
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "image_size": self.image_size,
+            "cached_views": self.cached_views,
+            "num_threads": self.num_threads,
+        }
         bad = {name: value for name, value in positive.items() if not value > 0}
         if bad:
             raise TrainConfigError(f"these params must be > 0: {bad}")
@@ -189,9 +203,7 @@ def set_determinism(seed: int, num_threads: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def segmentation_loss(
-    logits: torch.Tensor, masks: torch.Tensor, bce_weight: float, dice_weight: float
-) -> torch.Tensor:
+def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, bce_weight: float, dice_weight: float) -> torch.Tensor:
     """bce_weight * mean BCE over all pixels + dice_weight * mean soft Dice loss over the pairs whose
     mask is not empty.
 
@@ -375,7 +387,7 @@ def train(
         for name in ("best", "last"):  # another config's checkpoints must not pass for this run's
             shutil.rmtree(output_dir / name, ignore_errors=True)
 
-    all_prompts = [prompt for dataset in sorted(prompts) for prompt in prompts[dataset]]
+    all_prompts = prompt_order(prompts)
     if resume_state is not None:
         model, processor = build_model(config.preset, output_dir / "last", config.image_size, config.freeze_backbone)
     elif config.weights:
@@ -384,8 +396,13 @@ def train(
         mean, std = channel_statistics(train_records, config.image_size)
         log(f"train: from scratch; normalising with the train images' mean {mean} and std {std}")
         model, processor = build_model(
-            config.preset, None, config.image_size, config.freeze_backbone,
-            prompts=all_prompts, image_mean=mean, image_std=std,
+            config.preset,
+            None,
+            config.image_size,
+            config.freeze_backbone,
+            prompts=all_prompts,
+            image_mean=mean,
+            image_std=std,
         )
     set_backbone_trainable(model, not config.freeze_backbone)
     config.inference.attach(model)  # saved in every checkpoint's config.json: inference reads it from there
@@ -419,8 +436,12 @@ def train(
         epoch_started = time.perf_counter()
         train_set.set_epoch(epoch - 1)
         loader = DataLoader(
-            train_set, batch_size=config.batch_size, shuffle=True, collate_fn=collate_pairs,
-            generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch), **loader_options,
+            train_set,
+            batch_size=config.batch_size,
+            shuffle=True,
+            collate_fn=collate_pairs,
+            generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch),
+            **loader_options,
         )
         # disable=None: a bar on a terminal, none in CI logs (the epoch line below still prints)
         bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=None if progress else True, leave=False)
@@ -460,9 +481,16 @@ def train(
         if improved:
             save_checkpoint(output_dir, "best", model, processor, state)
         save_checkpoint(
-            output_dir, "last", model, processor, state,
-            optimizer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "torch_rng": torch.get_rng_state()},
+            output_dir,
+            "last",
+            model,
+            processor,
+            state,
+            optimizer_state={
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+            },
         )
         write_history(history_path, run.history)
         extra = f", negative-prompt IoU {val['val_negative_iou']:.3f}" if "val_negative_iou" in val else ""
@@ -521,14 +549,28 @@ def _datasets(
         "patch_size": model.config.vision_config.patch_size,
     }
     train_set = SegmentationDataset(
-        train_records, prompts, config.image_size, mean, std, augment=config.augment,
-        negative_prompts=config.negative_prompts, seed=config.seed,
-        views=config.cached_views if config.uses_cache else None, crop=config.crop() if native else None,
+        train_records,
+        prompts,
+        config.image_size,
+        mean,
+        std,
+        augment=config.augment,
+        negative_prompts=config.negative_prompts,
+        seed=config.seed,
+        views=config.cached_views if config.uses_cache else None,
+        crop=config.crop() if native else None,
         **geometry,
     )
     val_set = SegmentationDataset(
-        val_records, prompts, config.image_size, mean, std, augment=False,
-        negative_prompts=config.negative_prompts, seed=config.seed, **geometry,
+        val_records,
+        prompts,
+        config.image_size,
+        mean,
+        std,
+        augment=False,
+        negative_prompts=config.negative_prompts,
+        seed=config.seed,
+        **geometry,
     )
     return train_set, val_set
 
@@ -590,7 +632,9 @@ class PairForward:
             return self.fixed_conditional
         return encode_prompts(self.model, self.input_ids, self.attention_mask)
 
-    def __call__(self, batch: dict[str, torch.Tensor], dataset: SegmentationDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, batch: dict[str, torch.Tensor], dataset: SegmentationDataset
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """`(logits, masks)` of the batch's pairs, float32 on the device, logits at the masks' size."""
         masks = batch["masks"].to(self.device, non_blocking=True)
         with autocast(self.device):
@@ -599,7 +643,9 @@ class PairForward:
             else:
                 activations = encode_images(self.model, batch["pixel_values"].to(self.device, non_blocking=True))
             conditional = self.conditionals()[batch["prompt_index"].to(self.device)]
-            logits = decode(self.model, pair_activations(activations, batch["image_index"].to(self.device)), conditional)
+            logits = decode(
+                self.model, pair_activations(activations, batch["image_index"].to(self.device)), conditional
+            )
         return resize_logits(logits.float(), tuple(masks.shape[-2:])), masks
 
     def native(self, batch: dict[str, torch.Tensor], config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -608,8 +654,11 @@ class PairForward:
         masks = batch["masks"].to(self.device, non_blocking=True)
         with autocast(self.device):
             all_logits = native_logits(
-                self.model, batch["pixel_values"].to(self.device, non_blocking=True), self.conditionals(),
-                config.inference, window=config.image_size,
+                self.model,
+                batch["pixel_values"].to(self.device, non_blocking=True),
+                self.conditionals(),
+                config.inference,
+                window=config.image_size,
             )
         image_index = batch["image_index"].to(self.device)
         logits = all_logits[image_index, batch["prompt_index"].to(self.device)]
@@ -652,11 +701,16 @@ def validate(
     negative prompts also the mean IoU of negative pairs (1 = predicted empty, as it should)."""
     forward.model.eval()
     if config.inference.native:
-        loader = DataLoader(val_set, batch_sampler=size_grouped_batches(val_set, config.batch_size),
-                            collate_fn=collate_pairs, **loader_options)
+        loader = DataLoader(
+            val_set,
+            batch_sampler=size_grouped_batches(val_set, config.batch_size),
+            collate_fn=collate_pairs,
+            **loader_options,
+        )
     else:
-        loader = DataLoader(val_set, batch_size=config.batch_size, shuffle=False, collate_fn=collate_pairs,
-                            **loader_options)
+        loader = DataLoader(
+            val_set, batch_size=config.batch_size, shuffle=False, collate_fn=collate_pairs, **loader_options
+        )
     loss_sum, pairs = 0.0, 0
     ious, dices, positive = [], [], []
     for batch in loader:

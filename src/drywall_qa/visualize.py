@@ -16,19 +16,22 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed (CI, servers)
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from PIL import Image  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from PIL import Image
 
-from drywall_qa.naming import mask_file_name, prompt_slug  # noqa: E402
+from drywall_qa.contracts.manifest import read_manifest
+from drywall_qa.contracts.masks import read_mask
+from drywall_qa.contracts.naming import mask_file_name, prompt_slug
+from drywall_qa.errors import DrywallQAError
 
 PANEL_INCHES = 2.6
 PRED_COLOUR = (1.0, 0.15, 0.15)  # red fill: prediction
 GT_COLOUR = "lime"  # green outline: ground truth
 
 
-class VisualizationError(RuntimeError):
+class VisualizationError(DrywallQAError, RuntimeError):
     """An input of the figures is missing or inconsistent; the message names the file."""
 
 
@@ -41,13 +44,6 @@ def read_csv(path: str | Path, columns: Sequence[str]) -> pd.DataFrame:
     if missing:
         raise VisualizationError(f"{path}: missing column(s) {missing}")
     return table
-
-
-def read_mask(path: Path) -> np.ndarray:
-    if not path.is_file():
-        raise VisualizationError(f"mask {path} does not exist")
-    with Image.open(path) as image:
-        return np.asarray(image.convert("L")) >= 128
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -120,7 +116,9 @@ def prompt_sensitivity_figure(
 ) -> plt.Figure:
     """Each image (rows) under every prompt (columns), including the other dataset's prompts."""
     fig, axes = plt.subplots(
-        len(image_rows), len(prompts) + 1, figsize=((len(prompts) + 1) * PANEL_INCHES, len(image_rows) * PANEL_INCHES),
+        len(image_rows),
+        len(prompts) + 1,
+        figsize=((len(prompts) + 1) * PANEL_INCHES, len(image_rows) * PANEL_INCHES),
         squeeze=False,
     )
     for ax_row, row in zip(axes, image_rows.itertuples(index=False), strict=True):
@@ -128,7 +126,9 @@ def prompt_sensitivity_figure(
         image = read_rgb(repo_root / entry["image_path"])
         gt = read_mask(repo_root / entry["mask_path"])
         overlay(image, np.zeros_like(gt), ax_row[0], gt)
-        ax_row[0].set_title(f"{row.dataset}: {_short(row.image_id)}\n(green: ground truth of {row.prompt!r})", fontsize=7)
+        ax_row[0].set_title(
+            f"{row.dataset}: {_short(row.image_id)}\n(green: ground truth of {row.prompt!r})", fontsize=7
+        )
         for ax, prompt in zip(ax_row[1:], prompts, strict=True):
             pred = read_mask(predictions_dir / row.dataset / mask_file_name(row.image_id, prompt))
             overlay(image, pred, ax)
@@ -196,8 +196,10 @@ def make_figures(
     if examples_per_prompt < 1 or worst_k < 1:
         raise VisualizationError("visualize.examples_per_prompt and visualize.worst_k must be >= 1")
     repo_root, predictions_dir, out_dir = Path(repo_root), Path(predictions_dir), Path(out_dir)
-    manifest = read_csv(manifest_path, ["dataset", "split", "image_id", "image_path", "mask_path", "prompt"])
-    per_image = read_csv(per_image_csv, ["image_id", "dataset", "prompt", "iou", "dice", "gt_fg_fraction", "pred_fg_fraction"])
+    manifest = pd.DataFrame(read_manifest(manifest_path))
+    per_image = read_csv(
+        per_image_csv, ["image_id", "dataset", "prompt", "iou", "dice", "gt_fg_fraction", "pred_fg_fraction"]
+    )
     per_prompt = read_csv(per_prompt_csv, ["prompt", "threshold"])
     sweep = read_csv(threshold_sweep_csv, ["prompt", "threshold", "val_miou"])
     history = read_csv(train_history_csv, ["epoch", "train_loss", "val_loss", "val_miou", "val_dice", "lr"])
@@ -213,17 +215,25 @@ def make_figures(
         for prompt in prompts:
             slug = prompt_slug(prompt)
             figures[f"examples__{slug}.png"] = pairs_figure(
-                spread_over_ranking(per_image, prompt, examples_per_prompt), test, predictions_dir, repo_root,
+                spread_over_ranking(per_image, prompt, examples_per_prompt),
+                test,
+                predictions_dir,
+                repo_root,
                 f"Test examples for {prompt!r} (spread over the IoU ranking, best first)",
             )
             figures[f"failures__{slug}.png"] = pairs_figure(
-                worst_cases(per_image, prompt, worst_k), test, predictions_dir, repo_root,
+                worst_cases(per_image, prompt, worst_k),
+                test,
+                predictions_dir,
+                repo_root,
                 f"Failure cases for {prompt!r}: the {worst_k} lowest test IoUs",
             )
         # per dataset, the middle one of three pairs spread over its first prompt's ranking: a typical image
         typical = [spread_over_ranking(per_image, p, 3) for p in test.drop_duplicates("dataset")["prompt"]]
         sensitivity = pd.concat([rows.iloc[[len(rows) // 2]] for rows in typical if not rows.empty])
-        figures["prompt_sensitivity.png"] = prompt_sensitivity_figure(sensitivity, prompts, test, predictions_dir, repo_root)
+        figures["prompt_sensitivity.png"] = prompt_sensitivity_figure(
+            sensitivity, prompts, test, predictions_dir, repo_root
+        )
         chosen = dict(zip(per_prompt["prompt"], per_prompt["threshold"].astype(float), strict=True))
         figures["threshold_sweep.png"] = threshold_sweep_figure(sweep, chosen)
         figures["training_curves.png"] = training_curves_figure(history)
@@ -252,9 +262,13 @@ def _save_all(figures: dict[str, plt.Figure], out_dir: Path) -> list[Path]:
 
 
 def _manifest_entry(manifest: pd.DataFrame, dataset: str, image_id: str, prompt: str) -> dict:
-    match = manifest[(manifest["dataset"] == dataset) & (manifest["image_id"] == image_id) & (manifest["prompt"] == prompt)]
+    match = manifest[
+        (manifest["dataset"] == dataset) & (manifest["image_id"] == image_id) & (manifest["prompt"] == prompt)
+    ]
     if match.empty:
-        raise VisualizationError(f"({dataset}, {image_id}, {prompt!r}) is in eval_per_image.csv but not in the test manifest")
+        raise VisualizationError(
+            f"({dataset}, {image_id}, {prompt!r}) is in eval_per_image.csv but not in the test manifest"
+        )
     return match.iloc[0].to_dict()
 
 

@@ -14,23 +14,29 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from drywall_qa.errors import DrywallQAError
+
 REPLACE_LOCK_SECONDS = 120.0
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Write to a temp file in the target's folder, then rename it over the target."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as out:
-            out.write(text)
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
         # mkstemp makes the file owner-only; give it the mode a plain open() would have
         os.chmod(temp, 0o666 & ~_current_umask())
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def _current_umask() -> int:
@@ -51,7 +57,7 @@ def write_csv_atomic(path: str | Path, columns: list[str], rows: Iterable[dict])
     write_text_atomic(path, buffer.getvalue())
 
 
-class DirectoryBusyError(RuntimeError):
+class DirectoryBusyError(DrywallQAError, RuntimeError):
     """Another process is replacing the same folder and did not finish in time."""
 
 

@@ -1,0 +1,72 @@
+"""The val-chosen binarisation threshold of each prompt, as evaluation records it and models carry it.
+
+- `metrics/eval.json` holds `threshold.<prompt_slug>` (one flat key per prompt, with the other metrics);
+- a logged MLflow model carries `thresholds.json`: `{"<prompt>": <threshold>, ...}`, read by the
+  pyfunc and by `drywall-qa predict --model models:/...` as their default.
+
+A prompt without a recorded threshold gets `DEFAULT_THRESHOLD`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from drywall_qa.contracts.atomic import write_json_atomic
+from drywall_qa.contracts.naming import prompt_slug
+from drywall_qa.errors import DrywallQAError
+
+DEFAULT_THRESHOLD = 0.5
+THRESHOLDS_FILE = "thresholds.json"
+
+
+class ThresholdsError(DrywallQAError, ValueError):
+    """A thresholds file is unreadable or holds a value outside [0, 1]; the message names it."""
+
+
+def _checked(source: str, thresholds: Mapping[str, object]) -> dict[str, float]:
+    checked = {}
+    for prompt, value in thresholds.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise ThresholdsError(f"{source}: the threshold of {prompt!r} must be a number in [0, 1], got {value!r}")
+        checked[str(prompt)] = float(value)
+    return checked
+
+
+def eval_key(prompt: str) -> str:
+    return f"threshold.{prompt_slug(prompt)}"
+
+
+def from_eval_metrics(
+    metrics: Mapping[str, object], prompts: Sequence[str], source: str = "eval.json"
+) -> dict[str, float]:
+    """The thresholds eval.json records for `prompts` (those it has)."""
+    return _checked(source, {p: metrics[eval_key(p)] for p in prompts if eval_key(p) in metrics})
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ThresholdsError(f"cannot read thresholds from {path}: {error}") from None
+
+
+def read_eval_thresholds(path: str | Path, prompts: Sequence[str]) -> dict[str, float]:
+    path = Path(path)
+    metrics = _read_json(path)
+    if not isinstance(metrics, dict):
+        raise ThresholdsError(f"{path} is not a JSON object of metrics")
+    return from_eval_metrics(metrics, prompts, str(path))
+
+
+def write_thresholds(path: str | Path, thresholds: Mapping[str, float]) -> None:
+    write_json_atomic(path, _checked(str(path), thresholds))
+
+
+def read_thresholds(path: str | Path) -> dict[str, float]:
+    path = Path(path)
+    document = _read_json(path)
+    if not isinstance(document, dict):
+        raise ThresholdsError(f"{path} must map each prompt to its threshold")
+    return _checked(str(path), document)

@@ -1,0 +1,124 @@
+"""The registered model: after evaluation, the best checkpoint is logged as a pyfunc carrying the
+val-chosen per-prompt thresholds, registered as a new version with its headline metrics, and marked
+`champion` only when the regression gate passes against the committed baseline metrics.
+
+So `models:/<name>@champion` is never a run that regressed, and every version says what it is:
+description (data, weights, DVC experiment, headline scores), tags (metrics, thresholds, gate result).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from drywall_qa.contracts.atomic import write_json_atomic
+from drywall_qa.contracts.naming import prompt_slug
+from drywall_qa.contracts.thresholds import THRESHOLDS_FILE, from_eval_metrics, write_thresholds
+from drywall_qa.gate import GateError, compare, gate
+
+CHAMPION_ALIAS = "champion"
+HEADLINE_KEYS = ("test.miou", "test.dice", "val.miou", "cross_prompt.test.pred_fg_fraction")
+
+
+@dataclass(frozen=True)
+class Registration:
+    name: str
+    version: str
+    run_id: str
+    thresholds: dict[str, float]
+    gate_passed: bool
+    gate_message: str
+    champion: bool
+
+
+def committed_metrics(metrics_file: str, revision: str = "HEAD", repo: str | Path = ".") -> dict[str, Any]:
+    """`metrics_file` as committed at `revision` ({} when git or the file is not there: a first run)."""
+    try:
+        shown = subprocess.run(
+            ["git", "show", f"{revision}:{metrics_file}"], cwd=repo, capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    if shown.returncode != 0:
+        return {}
+    try:
+        document = json.loads(shown.stdout)
+    except json.JSONDecodeError:
+        return {}
+    return document if isinstance(document, dict) else {}
+
+
+def gate_result(
+    baseline: Mapping[str, Any], metrics: Mapping[str, Any], keys: Sequence[str], tolerance: float
+) -> tuple[bool, str]:
+    """(passed, message) of the regression gate; it fails when the gated metrics are absent."""
+    try:
+        checks = compare(dict(baseline), dict(metrics), keys, tolerance)
+    except GateError as error:
+        return False, str(error)
+    if not any(check.new is not None for check in checks):
+        return False, f"no gated metric ({list(keys)}) in this evaluation"
+    code, message = gate(checks)
+    return code == 0, message
+
+
+def version_description(metrics: Mapping[str, Any], thresholds: Mapping[str, float], context: Mapping[str, str]) -> str:
+    scores = ", ".join(
+        f"{key} {metrics[key]:.4f}" for key in HEADLINE_KEYS if isinstance(metrics.get(key), int | float)
+    )
+    chosen = ", ".join(f"{prompt!r} {value:g}" for prompt, value in thresholds.items())
+    where = ", ".join(f"{key} {value}" for key, value in context.items() if value)
+    return f"{scores}. Val-chosen thresholds: {chosen}. {where}."
+
+
+def register_checkpoint(
+    checkpoint_dir: str | Path,
+    metrics: Mapping[str, Any],
+    prompts: Sequence[str],
+    registered_model_name: str,
+    gate_keys: Sequence[str],
+    gate_tolerance: float,
+    baseline: Mapping[str, Any],
+    context: Mapping[str, str],
+) -> Registration:
+    """Log and register the checkpoint from the active MLflow run (see the module docstring)."""
+    import mlflow
+
+    from drywall_qa.mlflow_model import log_pyfunc_model
+
+    thresholds = from_eval_metrics(metrics, prompts)
+    with tempfile.TemporaryDirectory(prefix="drywall-qa-thresholds-") as scratch:
+        thresholds_file = Path(scratch) / THRESHOLDS_FILE
+        write_thresholds(thresholds_file, thresholds)
+        info = log_pyfunc_model(checkpoint_dir, thresholds_file, registered_model_name=registered_model_name)
+    client = mlflow.MlflowClient()
+    version = str(info.registered_model_version)
+    passed, message = gate_result(baseline, metrics, gate_keys, gate_tolerance)
+    client.update_model_version(
+        registered_model_name, version, description=version_description(metrics, thresholds, context)
+    )
+    tags = {key: f"{metrics[key]:.4f}" for key in HEADLINE_KEYS if isinstance(metrics.get(key), int | float)}
+    tags |= {f"threshold.{prompt_slug(p)}": f"{t:g}" for p, t in thresholds.items()}
+    tags |= {"gate": "passed" if passed else "failed", **{k: v for k, v in context.items() if v}}
+    for key, value in tags.items():
+        client.set_model_version_tag(registered_model_name, version, key, value)
+    if passed:
+        client.set_registered_model_alias(registered_model_name, CHAMPION_ALIAS, version)
+    return Registration(
+        registered_model_name, version, mlflow.active_run().info.run_id, thresholds, passed, message, passed
+    )
+
+
+def write_registration(path: str | Path, registration: Registration) -> None:
+    write_json_atomic(path, asdict(registration))
+
+
+def run_context() -> dict[str, str]:
+    """What a version came from, for its description and tags."""
+    return {"dvc_experiment": os.environ.get("DVC_EXP_NAME", "")}
