@@ -359,8 +359,10 @@ def _timed(module, name: str, totals: dict[str, float], key: str):
 
 def phase_trainer(workdir: Path, cached: bool) -> dict[str, Any]:
     import drywall_qa.activation_cache
+    import drywall_qa.checkpoint
     import drywall_qa.train
-    from drywall_qa.train import read_history, train
+    from drywall_qa.checkpoint import read_history
+    from drywall_qa.train import train
 
     settings, config = _load_phase_inputs(workdir)
     config = replace(config, cache_activations=cached)
@@ -372,7 +374,7 @@ def phase_trainer(workdir: Path, cached: bool) -> dict[str, Any]:
     with (
         _timed(drywall_qa.train, "encode_images", totals, "vision_s"),
         _timed(drywall_qa.activation_cache, "encode_images", totals, "vision_s"),
-        _timed(drywall_qa.train, "save_checkpoint", totals, "checkpoint_s"),
+        _timed(drywall_qa.checkpoint, "save_checkpoint", totals, "checkpoint_s"),
     ):
         summary = train(
             config,

@@ -6,6 +6,7 @@ records which version it is."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from drywall_qa.stage import Stage, run_stage
 
 
 def register(stage: Stage) -> str:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per upload in a stage log
     from drywall_qa.registry import committed_metrics, register_checkpoint, run_context, write_registration
 
     gate = stage.params["gate"]

@@ -14,18 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
+from drywall_qa.checkpoint import HISTORY_COLUMNS, read_state, recover_checkpoints, save_checkpoint
 from drywall_qa.contracts.manifest import ManifestError, image_records, prompts_by_dataset, read_manifest
 from drywall_qa.data import SegmentationDataset, channel_statistics, collate_pairs
 from drywall_qa.model import build_model, decode, encode_images, encode_prompts, pair_activations, tokenize_prompts
 from drywall_qa.train import (
-    HISTORY_COLUMNS,
     TrainConfig,
     TrainConfigError,
     pair_scores,
-    read_state,
-    recover_checkpoints,
     resumable_run_id,
-    save_checkpoint,
     segmentation_loss,
     train,
 )

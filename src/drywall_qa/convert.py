@@ -486,17 +486,7 @@ def convert_dataset(
         if image.declared_size is not None and image.declared_size != size:
             tally.size_mismatch.append(f"{image.source_split}/{image.path.name}")
 
-        rles = []
-        for shape in image.shapes:
-            rle, skip, clipped = shape_to_rle(shape, width, height)
-            if skip is not None:
-                tally.annotation_skips[skip] += 1
-                continue
-            rles.append(rle)
-            tally.by_kind[shape.kind] += 1
-            tally.fixes["clipped_out_of_bounds"] += int(clipped)
-            tally.fixes["bbox_fallback"] += int(shape.bbox_fallback)
-            tally.fixes["dropped_polygon_parts"] += shape.dropped_parts
+        rles = _drawable_shapes(image, width, height, tally)
         if image.annotations_seen > 0 and not rles:
             # Its labels existed but none could be drawn: an empty mask would teach a false negative.
             tally.skip_image(image, "all_annotations_skipped", shapes_pending=False)
@@ -528,6 +518,22 @@ def convert_dataset(
     report = _dataset_report(export, tally, rows, prompts, split_counts)
     check_accounting(dataset, report, rows)
     return rows, report
+
+
+def _drawable_shapes(image: SourceImage, width: int, height: int, tally: DatasetTally) -> list[dict]:
+    """The RLEs of the image's shapes that can be drawn, each skip and fix counted in `tally`."""
+    rles = []
+    for shape in image.shapes:
+        rle, skip, clipped = shape_to_rle(shape, width, height)
+        if skip is not None:
+            tally.annotation_skips[skip] += 1
+            continue
+        rles.append(rle)
+        tally.by_kind[shape.kind] += 1
+        tally.fixes["clipped_out_of_bounds"] += int(clipped)
+        tally.fixes["bbox_fallback"] += int(shape.bbox_fallback)
+        tally.fixes["dropped_polygon_parts"] += shape.dropped_parts
+    return rles
 
 
 def _dataset_report(export: Export, tally: DatasetTally, rows: list[dict], prompts: list[str], splits: Counter) -> dict:

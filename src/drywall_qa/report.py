@@ -246,7 +246,11 @@ def describe_inference(params: dict) -> str:
 
 def data_section(inputs: ReportInputs) -> str:
     _, description = describe_source(inputs.source)
-    lines = ["## Data and splits", "", f"Source: {description}.", ""]
+    lines = ["## Data and splits", "", f"Source: {description}.", "", _source_table(inputs), ""]
+    return "\n".join(lines + _conversion_lines(inputs) + _split_lines(inputs))
+
+
+def _source_table(inputs: ReportInputs) -> str:
     source_rows = []
     for name, d in inputs.source.get("datasets", {}).items():
         folders = ", ".join(f"{split} {c['images']}" for split, c in d.get("splits", {}).items())
@@ -260,8 +264,10 @@ def data_section(inputs: ReportInputs) -> str:
                 folders,
             )
         )
-    lines += [_table(["dataset", "format", "geometry", "images", "annotations", "export folders"], source_rows), ""]
+    return _table(["dataset", "format", "geometry", "images", "annotations", "export folders"], source_rows)
 
+
+def _conversion_lines(inputs: ReportInputs) -> list[str]:
     conversion = _need(inputs.conversion, "datasets", "metrics/conversion.json")
     rows, skip_lines = [], []
     for name, d in conversion.items():
@@ -286,7 +292,7 @@ def data_section(inputs: ReportInputs) -> str:
                 skip_lines.append(
                     f"- {name}: skipped {what} by reason: " + ", ".join(f"`{r}` {n}" for r, n in reasons.items())
                 )
-    lines += [
+    lines = [
         "Conversion to masks (one {0, 255} PNG per image and prompt; the union of the image's instances):",
         "",
         _table(
@@ -305,8 +311,10 @@ def data_section(inputs: ReportInputs) -> str:
         ),
         "",
     ]
-    lines += (skip_lines or ["- No annotation or image was skipped."]) + [""]
+    return lines + (skip_lines or ["- No annotation or image was skipped."]) + [""]
 
+
+def _split_lines(inputs: ReportInputs) -> list[str]:
     split = _need(inputs.split, "datasets", "metrics/split.json")
     split_rows = []
     for name, per_split in split.items():
@@ -325,7 +333,7 @@ def data_section(inputs: ReportInputs) -> str:
             )
         )
     leaks = ", ".join(f"{name} {d.get('groups_across_source_splits', '?')}" for name, d in split.items())
-    lines += [
+    return [
         f"Split (seed {inputs.split.get('seed')}): Roboflow's own folders are merged and re-split per dataset, "
         "grouped by source image, so no source image (and none of its augmented copies) is in two splits. "
         f"Source images that Roboflow had spread over more than one folder: {leaks}.",
@@ -335,7 +343,6 @@ def data_section(inputs: ReportInputs) -> str:
             split_rows,
         ),
     ]
-    return "\n".join(lines)
 
 
 def training_section(inputs: ReportInputs, params: dict) -> str:
@@ -376,7 +383,25 @@ def training_section(inputs: ReportInputs, params: dict) -> str:
 
 def results_section(inputs: ReportInputs, params: dict) -> str:
     m = inputs.eval
-    zero_shot = "zero_shot.test.miou" in m
+    columns = [
+        "dataset",
+        "prompt",
+        "threshold",
+        "mIoU",
+        "Dice",
+        "IoU (dataset)",
+        "precision",
+        "recall",
+        "zero-shot mIoU",
+        "pairs",
+    ]
+    lines = ["## Test results", "", _table(columns, _result_rows(m, params)), "", *_result_notes(inputs)]
+    lines += ["", _figure(inputs, "threshold_sweep.png", "threshold sweep on val")]
+    return "\n".join(lines)
+
+
+def _result_rows(m: dict, params: dict) -> list[tuple]:
+    """One row per prompt, one per dataset over its prompts, and one over everything."""
     rows = []
     for dataset, prompts in params["prompts"].items():
         for prompt in prompts:
@@ -423,25 +448,12 @@ def results_section(inputs: ReportInputs, params: dict) -> str:
             m.get("test.pairs"),
         )
     )
+    return rows
+
+
+def _result_notes(inputs: ReportInputs) -> list[str]:
+    m = inputs.eval
     lines = [
-        "## Test results",
-        "",
-        _table(
-            [
-                "dataset",
-                "prompt",
-                "threshold",
-                "mIoU",
-                "Dice",
-                "IoU (dataset)",
-                "precision",
-                "recall",
-                "zero-shot mIoU",
-                "pairs",
-            ],
-            rows,
-        ),
-        "",
         "Definitions:",
         "",
         "- **mIoU** is the mean over (image, prompt) pairs of the foreground IoU |P ∩ G| / |P ∪ G|; "
@@ -454,7 +466,7 @@ def results_section(inputs: ReportInputs, params: dict) -> str:
         f"of `evaluate.thresholds` with the highest val mIoU (ties: closest to 0.5). Val mIoU at the chosen "
         f"thresholds: {_score(m.get('val.miou'))}.",
     ]
-    if zero_shot:
+    if "zero_shot.test.miou" in m:
         lines.append(
             f"- **zero-shot**: the same evaluation of the configured model before fine-tuning (threshold "
             f"{m.get('zero_shot.threshold')}): {describe_weights(inputs.train.get('weights_init', ''))} "
@@ -469,8 +481,7 @@ def results_section(inputs: ReportInputs, params: dict) -> str:
             f"for {m['cross_prompt.test.empty_rate']:.0%} of {m['cross_prompt.test.pairs']} such pairs "
             "(no ground truth exists for these pairs; a prompt-aware model marks little there)."
         )
-    lines += ["", _figure(inputs, "threshold_sweep.png", "threshold sweep on val")]
-    return "\n".join(lines)
+    return lines
 
 
 # Published elsewhere, for pretrained CLIPSeg on these two Roboflow projects; not measured here.

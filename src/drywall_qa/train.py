@@ -13,13 +13,11 @@ config fingerprint (training config + manifest hash) matches, and starts fresh o
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -38,6 +36,13 @@ from transformers import (
 )
 
 from drywall_qa.activation_cache import ActivationCache
+from drywall_qa.checkpoint import (
+    recover_checkpoints,
+    restore_optimizer,
+    resumable_state,
+    save_epoch,
+    write_history,
+)
 from drywall_qa.contracts.atomic import write_text_atomic
 from drywall_qa.contracts.manifest import image_records, prompt_order, prompts_by_dataset, read_manifest
 from drywall_qa.data import (
@@ -65,9 +70,6 @@ from drywall_qa.model import (
 )
 from drywall_qa.numerics import describe_cpu_numerics
 
-HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_miou", "val_dice", "lr", "seconds"]
-STATE_FILE = "training_state.json"
-OPTIMIZER_FILE = "optimizer_state.pt"
 SCHEDULERS = ("cosine", "constant")
 
 
@@ -239,64 +241,6 @@ def pair_scores(logits: torch.Tensor, masks: torch.Tensor, threshold: float = 0.
 # Checkpoints
 
 
-def _tmp_prefix(name: str) -> str:
-    return f".{name}.tmp-"
-
-
-def recover_checkpoints(output_dir: Path, log: Callable[[str], None] = print) -> None:
-    """Undo what a kill in the middle of `save_checkpoint` left: a half-swapped folder or temp dirs."""
-    if not output_dir.is_dir():
-        return
-    for name in ("best", "last"):
-        old = output_dir / f".{name}.old"
-        if old.is_dir():
-            if (output_dir / name).is_dir():
-                shutil.rmtree(old)  # the new folder was swapped in; only the deletion was missed
-            else:
-                os.rename(old, output_dir / name)
-                log(f"train: restored {name}/ from an interrupted checkpoint swap")
-    for leftover in output_dir.glob(".*.tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
-def save_checkpoint(
-    output_dir: Path,
-    name: str,
-    model: CLIPSegForImageSegmentation,
-    processor: CLIPSegProcessor,
-    state: dict[str, Any],
-    optimizer_state: dict[str, Any] | None = None,
-) -> Path:
-    """Write `output_dir/name/` atomically: build it in a temp dir, then rename old away, new in, delete old."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(name), dir=output_dir))
-    temp.chmod(0o755)  # mkdtemp makes it private; the checkpoint is an ordinary folder
-    try:
-        model.save_pretrained(temp)
-        processor.save_pretrained(temp)
-        if optimizer_state is not None:
-            torch.save(optimizer_state, temp / OPTIMIZER_FILE)
-        (temp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-    target, old = output_dir / name, output_dir / f".{name}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    if target.exists():
-        os.rename(target, old)
-    os.rename(temp, target)
-    shutil.rmtree(old, ignore_errors=True)
-    return target
-
-
-def read_state(checkpoint: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def make_optimizer(
     model: torch.nn.Module, config: TrainConfig, steps_per_epoch: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
@@ -311,24 +255,8 @@ def make_optimizer(
     return optimizer, scheduler
 
 
-def write_history(path: Path, history: list[dict[str, Any]]) -> None:
-    lines = [",".join(HISTORY_COLUMNS)]
-    for row in history:
-        lines.append(",".join(_csv_value(row[column]) for column in HISTORY_COLUMNS))
-    write_text_atomic(path, "\n".join(lines) + "\n")
-
-
-def _csv_value(value: Any) -> str:
-    return str(value) if isinstance(value, int) else f"{value:.6g}"
-
-
 def write_json(path: Path, value: dict[str, Any]) -> None:
     write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
-
-
-def read_history(path: Path) -> list[dict[str, float]]:
-    with open(path, encoding="utf-8", newline="") as handle:
-        return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(handle)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,6 +273,17 @@ class _Run:
     best_val_dice: float = 0.0
     epochs_without_improvement: int = 0
     seconds: float = 0.0
+
+    def record(self, row: dict[str, Any], patience: int) -> tuple[bool, bool]:
+        """Add an epoch's row; (val mIoU improved, early stopping is due)."""
+        self.history.append(row)
+        improved = row["val_miou"] > self.best_val_miou
+        if improved:
+            self.best_epoch, self.best_val_miou, self.best_val_dice = row["epoch"], row["val_miou"], row["val_dice"]
+            self.epochs_without_improvement = 0
+        else:
+            self.epochs_without_improvement += 1
+        return improved, self.epochs_without_improvement >= patience
 
 
 def train(
@@ -374,22 +313,82 @@ def train(
     output_dir, metrics_path, history_path = Path(output_dir), Path(metrics_path), Path(history_path)
     set_determinism(config.seed, config.num_threads)
     device_ = select_device(device)
-
     rows = read_manifest(manifest_path)
     prompts = prompts_by_dataset(rows)
-    train_records = image_records(rows, "train", root)
-    val_records = image_records(rows, "val", root)
+    train_records, val_records = image_records(rows, "train", root), image_records(rows, "val", root)
     fingerprint = config_fingerprint(config, manifest_path)
 
+    resume_state = _resume_state_or_clear(output_dir, fingerprint, log)
+    last = output_dir / "last" if resume_state is not None else None
+    model, processor = _initial_model(config, last, train_records, prompt_order(prompts), log)
+    model.to(device_)
+    normalisation = (processor.image_processor.image_mean, processor.image_processor.image_std)
+    train_set, val_set = _datasets(config, model, normalisation, prompts, train_records, val_records)
+    cache = ActivationCache(model, cache_dir) if config.uses_cache else None
+    optimizer, scheduler = make_optimizer(model, config, math.ceil(len(train_set) / config.batch_size))
+
+    run, start_epoch = _Run(history=[]), 1
+    if resume_state is not None:
+        restore_optimizer(output_dir / "last", optimizer, scheduler)
+        run, start_epoch = _Run(**resume_state["run"]), resume_state["epoch"] + 1
+        log(f"train: resuming from last/ after epoch {resume_state['epoch']} (config fingerprint matches)")
+
+    epoch_runner = _EpochRunner(
+        config,
+        PairForward(model, processor, train_set.prompt_list, device_, cache),
+        train_set,
+        val_set,
+        optimizer,
+        scheduler,
+        _loader_options(device_),
+        progress,
+    )
+    for epoch in range(start_epoch, config.epochs + 1):
+        row, val = epoch_runner.run(epoch, run)
+        improved, stop = run.record(row, config.early_stopping_patience)
+        state = _resume_record(
+            config, epoch, stop or epoch == config.epochs, fingerprint, train_set.prompt_list, run, tracking_run_id
+        )
+        save_epoch(output_dir, model, processor, state, improved, optimizer, scheduler)
+        write_history(history_path, run.history)
+        log(_epoch_line(row, val))
+        if on_epoch is not None:
+            on_epoch({**row, **{k: v for k, v in val.items() if k not in row}})
+        if stop:
+            log(f"train: early stop after epoch {epoch}: no val mIoU gain for {run.epochs_without_improvement} epochs")
+            break
+
+    summary = _summary(config, run, start_epoch, started, model, device_, train_set, val_set, cache)
+    write_history(history_path, run.history)
+    write_json(metrics_path, summary)
+    return summary
+
+
+def _resume_state_or_clear(output_dir: Path, fingerprint: str, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """The resume state of an unfinished run of this config, or None after clearing other runs' checkpoints."""
     recover_checkpoints(output_dir, log)
-    resume_state = _resumable(output_dir / "last", fingerprint, log)
-    if resume_state is None:
+    state = resumable_state(output_dir / "last", fingerprint, log)
+    if state is None:
         for name in ("best", "last"):  # another config's checkpoints must not pass for this run's
             shutil.rmtree(output_dir / name, ignore_errors=True)
+    return state
 
-    all_prompts = prompt_order(prompts)
-    if resume_state is not None:
-        model, processor = build_model(config.preset, output_dir / "last", config.image_size, config.freeze_backbone)
+
+def _epoch_line(row: dict[str, Any], val: dict[str, float]) -> str:
+    extra = f", negative-prompt IoU {val['val_negative_iou']:.3f}" if "val_negative_iou" in val else ""
+    return (
+        f"train: epoch {row['epoch']}: train loss {row['train_loss']:.4f}, val loss {val['val_loss']:.4f}, "
+        f"val mIoU {val['val_miou']:.4f}, val Dice {val['val_dice']:.4f}{extra}, {row['seconds']:.1f}s"
+    )
+
+
+def _initial_model(
+    config: TrainConfig, last: Path | None, train_records, all_prompts: list[str], log: Callable[[str], None]
+):
+    """The model to train: `last/` when resuming, else the configured weights, else a scratch model
+    normalising with the train images' channel statistics."""
+    if last is not None:
+        model, processor = build_model(config.preset, last, config.image_size, config.freeze_backbone)
     elif config.weights:
         model, processor = build_model(config.preset, config.weights, config.image_size, config.freeze_backbone)
     else:
@@ -406,109 +405,91 @@ def train(
         )
     set_backbone_trainable(model, not config.freeze_backbone)
     config.inference.attach(model)  # saved in every checkpoint's config.json: inference reads it from there
-    model.to(device_)
-    mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
+    return model, processor
 
-    use_cache = config.uses_cache
-    train_set, val_set = _datasets(config, model, (mean, std), prompts, train_records, val_records)
-    cache = ActivationCache(model, cache_dir) if use_cache else None
 
-    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
-    optimizer, scheduler = make_optimizer(model, config, steps_per_epoch)
-    trainable = optimizer.param_groups[0]["params"]  # what gradient clipping covers
+@dataclass
+class _EpochRunner:
+    """One epoch: train over a seeded shuffle of the train set, then validate."""
 
-    run = _Run(history=[])
-    start_epoch = 1
-    if resume_state is not None:
-        # CPU: the RNG state must stay a CPU tensor; load_state_dict moves optimizer state to the params.
-        saved = torch.load(output_dir / "last" / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["torch_rng"])
-        run = _Run(**resume_state["run"])
-        start_epoch = resume_state["epoch"] + 1
-        log(f"train: resuming from last/ after epoch {resume_state['epoch']} (config fingerprint matches)")
+    config: TrainConfig
+    forward: PairForward
+    train_set: SegmentationDataset
+    val_set: SegmentationDataset
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loader_options: dict[str, Any]
+    progress: bool
 
-    forward = PairForward(model, processor, train_set.prompt_list, device_, cache)
-    loader_options = _loader_options(device_)
-    final_train_loss = run.history[-1]["train_loss"] if run.history else math.nan
-    for epoch in range(start_epoch, config.epochs + 1):
-        epoch_started = time.perf_counter()
-        train_set.set_epoch(epoch - 1)
+    def run(self, epoch: int, run: _Run) -> tuple[dict[str, Any], dict[str, float]]:
+        config, epoch_started = self.config, time.perf_counter()
+        self.train_set.set_epoch(epoch - 1)
         loader = DataLoader(
-            train_set,
+            self.train_set,
             batch_size=config.batch_size,
             shuffle=True,
             collate_fn=collate_pairs,
             generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch),
-            **loader_options,
+            **self.loader_options,
         )
-        # disable=None: a bar on a terminal, none in CI logs (the epoch line below still prints)
-        bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=None if progress else True, leave=False)
-        final_train_loss = _train_epoch(forward, bar, train_set, optimizer, scheduler, trainable, config)
-        val = validate(forward, val_set, config, loader_options)
+        # disable=None: a bar on a terminal, none in CI logs (the epoch line still prints)
+        bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=None if self.progress else True, leave=False)
+        trainable = self.optimizer.param_groups[0]["params"]  # what gradient clipping covers
+        train_loss = _train_epoch(self.forward, bar, self.train_set, self.optimizer, self.scheduler, trainable, config)
+        val = validate(self.forward, self.val_set, config, self.loader_options)
         run.seconds += time.perf_counter() - epoch_started
         row = {
             "epoch": epoch,
-            "train_loss": final_train_loss,
+            "train_loss": train_loss,
             "val_loss": val["val_loss"],
             "val_miou": val["val_miou"],
             "val_dice": val["val_dice"],
-            "lr": scheduler.get_last_lr()[0],
+            "lr": self.scheduler.get_last_lr()[0],
             "seconds": time.perf_counter() - epoch_started,
         }
-        run.history.append(row)
-        improved = val["val_miou"] > run.best_val_miou
-        if improved:
-            run.best_epoch, run.best_val_miou, run.best_val_dice = epoch, val["val_miou"], val["val_dice"]
-            run.epochs_without_improvement = 0
-        else:
-            run.epochs_without_improvement += 1
-        stop = run.epochs_without_improvement >= config.early_stopping_patience
-        complete = stop or epoch == config.epochs
-        state = {
-            "epoch": epoch,
-            "complete": complete,
-            "fingerprint": fingerprint,
-            "config": asdict(config),
-            "weights_init": config.weights_init,
-            "prompts": train_set.prompt_list,
-            "best_epoch": run.best_epoch,
-            "best_val_miou": run.best_val_miou,
-            "run": asdict(run),
-            "mlflow_run_id": tracking_run_id,
-        }
-        if improved:
-            save_checkpoint(output_dir, "best", model, processor, state)
-        save_checkpoint(
-            output_dir,
-            "last",
-            model,
-            processor,
-            state,
-            optimizer_state={
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-            },
-        )
-        write_history(history_path, run.history)
-        extra = f", negative-prompt IoU {val['val_negative_iou']:.3f}" if "val_negative_iou" in val else ""
-        log(
-            f"train: epoch {epoch}: train loss {final_train_loss:.4f}, val loss {val['val_loss']:.4f}, "
-            f"val mIoU {val['val_miou']:.4f}, val Dice {val['val_dice']:.4f}{extra}, {row['seconds']:.1f}s"
-        )
-        if on_epoch is not None:
-            on_epoch({**row, **{k: v for k, v in val.items() if k not in row}})
-        if stop:
-            log(f"train: early stop after epoch {epoch}: no val mIoU gain for {run.epochs_without_improvement} epochs")
-            break
+        return row, val
 
+
+def _resume_record(
+    config: TrainConfig,
+    epoch: int,
+    complete: bool,
+    fingerprint: str,
+    prompts: list[str],
+    run: _Run,
+    tracking_run_id: str | None,
+) -> dict[str, Any]:
+    """What a checkpoint's training_state.json holds: enough to resume, and to say what made it."""
+    return {
+        "epoch": epoch,
+        "complete": complete,
+        "fingerprint": fingerprint,
+        "config": asdict(config),
+        "weights_init": config.weights_init,
+        "prompts": prompts,
+        "best_epoch": run.best_epoch,
+        "best_val_miou": run.best_val_miou,
+        "run": asdict(run),
+        "mlflow_run_id": tracking_run_id,
+    }
+
+
+def _summary(
+    config: TrainConfig,
+    run: _Run,
+    start_epoch: int,
+    started: float,
+    model,
+    device,
+    train_set,
+    val_set,
+    cache: ActivationCache | None,
+) -> dict[str, Any]:
     summary = {
         "best_epoch": run.best_epoch,
         "best_val_miou": run.best_val_miou,
         "best_val_dice": run.best_val_dice,
-        "final_train_loss": final_train_loss,
+        "final_train_loss": run.history[-1]["train_loss"] if run.history else math.nan,
         "epochs_run": len(run.history),
         "resumed_from_epoch": start_epoch - 1,
         "seconds": round(run.seconds, 3),
@@ -516,7 +497,7 @@ def train(
         "params": count_parameters(model),
         "trainable_params": count_parameters(model, trainable_only=True),
         "weights_init": config.weights_init,
-        "device": str(device_),
+        "device": str(device),
         "cpu_numerics": describe_cpu_numerics(),
         "frozen_backbone": backbone_is_frozen(model),
         "train_images": len(train_set),
@@ -526,8 +507,6 @@ def train(
     if cache is not None:
         summary["activation_cache_hits"] = cache.hits
         summary["activation_cache_misses"] = cache.misses
-    write_history(history_path, run.history)
-    write_json(metrics_path, summary)
     return summary
 
 
@@ -585,24 +564,8 @@ def resumable_run_id(config: TrainConfig, manifest_path: str | Path, output_dir:
     """The MLflow run of the unfinished training that `train` would resume, if it recorded one."""
     if not Path(manifest_path).is_file():
         return None
-    state = _resumable(Path(output_dir) / "last", config_fingerprint(config, manifest_path), lambda _: None)
+    state = resumable_state(Path(output_dir) / "last", config_fingerprint(config, manifest_path), lambda _: None)
     return state.get("mlflow_run_id") if state else None
-
-
-def _resumable(last: Path, fingerprint: str, log: Callable[[str], None]) -> dict[str, Any] | None:
-    if not last.is_dir():
-        return None
-    state = read_state(last)
-    if state is None or not (last / OPTIMIZER_FILE).is_file():
-        log("train: last/ is incomplete; starting fresh")
-        return None
-    if state.get("fingerprint") != fingerprint:
-        log("train: last/ was trained with other params or another manifest; starting fresh")
-        return None
-    if state.get("complete"):
-        log("train: last/ is a finished run of this config; training again from scratch")
-        return None
-    return state
 
 
 class PairForward:
