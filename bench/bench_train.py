@@ -221,8 +221,17 @@ class NaivePairForward:
 
     def __init__(self, model, input_ids, attention_mask, device):
         self.model, self.input_ids, self.attention_mask, self.device = model, input_ids, attention_mask, device
+        self.seconds = 0.0  # time spent in forward passes (training and validation)
 
     def __call__(self, batch, dataset=None):
+
+        started = time.perf_counter()
+        try:
+            return self._forward(batch)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def _forward(self, batch):
         from drywall_qa.inference import autocast
 
         image_index, prompt_index = batch["image_index"], batch["prompt_index"]
@@ -236,13 +245,24 @@ class NaivePairForward:
         return logits.float(), batch["masks"].to(self.device)
 
 
+def _counted(batches, counted: dict[str, int], label: str, total: int):
+    """`batches`, counting steps and pairs into `counted` and logging progress every 10 steps."""
+    started = time.perf_counter()
+    for batch in batches:
+        counted["steps"] += 1
+        counted["pairs"] += len(batch["masks"])
+        if counted["steps"] % 10 == 0:
+            log(f"{label} step {counted['steps']}/{total}, {time.perf_counter() - started:.0f}s")
+        yield batch
+
+
 def phase_naive(workdir: Path) -> dict[str, Any]:
     import torch
     from torch.utils.data import DataLoader
 
     from drywall_qa.data import SegmentationDataset, collate_pairs
     from drywall_qa.model import tokenize_prompts
-    from drywall_qa.train import make_optimizer, segmentation_loss, validate
+    from drywall_qa.train import _train_epoch, make_optimizer, validate
 
     settings, config = _load_phase_inputs(workdir)
     device = torch.device(settings.device)
@@ -286,36 +306,30 @@ def phase_naive(workdir: Path) -> dict[str, Any]:
             collate_fn=collate_pairs,
             generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch),
         )
-        model.train()
-        epoch_started = time.perf_counter()
-        forward_s = backward_s = 0.0
-        loss_sum, pairs, steps = 0.0, 0, 0
-        for batch in loader:
-            step_started = time.perf_counter()
-            logits, masks = forward(batch)
-            loss = segmentation_loss(logits, masks, config.bce_weight, config.dice_weight)
-            forward_done = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            forward_s += forward_done - step_started
-            backward_s += time.perf_counter() - forward_done
-            loss_sum += loss.item() * len(masks)
-            pairs += len(masks)
-            steps += 1
-            if steps % 10 == 0:
-                log(f"naive: epoch {epoch} step {steps}/{steps_per_epoch}, {time.perf_counter() - epoch_started:.0f}s")
+        # The trainer's own epoch (`train._train_epoch`: loss, backward, clipping, step, schedule); only the
+        # forward differs, one full model pass per (image, prompt) pair, which is what this phase measures.
+        counted = {"steps": 0, "pairs": 0}
+        epoch_started, forward_before = time.perf_counter(), forward.seconds
+        train_loss = _train_epoch(
+            forward,
+            _counted(loader, counted, f"naive: epoch {epoch}", steps_per_epoch),
+            train_set,
+            optimizer,
+            scheduler,
+            trainable,
+            config,
+        )
+        forward_s = forward.seconds - forward_before
+        steps, pairs = counted["steps"], counted["pairs"]
         train_s = time.perf_counter() - epoch_started
+        backward_s = train_s - forward_s  # loss, backward, clipping and the optimizer step
         val_started = time.perf_counter()
         val = validate(forward, val_set, config, loader_options={})
         val_s = time.perf_counter() - val_started
         epochs.append(
             {
                 "epoch": epoch,
-                "train_loss": loss_sum / pairs,
+                "train_loss": train_loss,
                 "train_s": round(train_s, 3),
                 "forward_s": round(forward_s, 3),
                 "backward_step_s": round(backward_s, 3),
