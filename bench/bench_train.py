@@ -262,7 +262,7 @@ def phase_naive(workdir: Path) -> dict[str, Any]:
 
     from drywall_qa.data import SegmentationDataset, collate_pairs
     from drywall_qa.model import tokenize_prompts
-    from drywall_qa.train import _train_epoch, make_optimizer, trainable_parameters, validate
+    from drywall_qa.train import _train_epoch, make_optimizer, validate
 
     settings, config = _load_phase_inputs(workdir)
     device = torch.device(settings.device)
@@ -292,7 +292,7 @@ def phase_naive(workdir: Path) -> dict[str, Any]:
     )
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     optimizer, scheduler = make_optimizer(model, config, steps_per_epoch)
-    trainable = trainable_parameters(optimizer)
+    trainable = optimizer.param_groups[0]["params"]  # what gradient clipping covers
     forward = NaivePairForward(model, *tokenize_prompts(processor, train_set.prompt_list), device)
     setup_s = time.perf_counter() - started
 

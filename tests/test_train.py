@@ -436,15 +436,3 @@ def test_served_pyfunc_reads_only_base64_unless_local_paths_are_opted_in(tmp_pat
     assert decode_image(base64.b64encode(existing.read_bytes()).decode()).size == (8, 8)
     monkeypatch.setenv(LOCAL_PATHS_ENV, "1")
     assert decode_image(str(existing)).size == (8, 8)
-
-
-def test_weight_decay_applies_to_matrices_and_kernels_only():
-    from drywall_qa.train import make_optimizer, trainable_parameters
-
-    model, _ = build_model("tiny", None, 32, False, prompts=["segment crack"])
-    optimizer, _ = make_optimizer(model, tiny_config(epochs=1), steps_per_epoch=2)
-    decayed, plain = optimizer.param_groups
-    assert decayed["weight_decay"] == tiny_config(epochs=1).weight_decay > 0 and plain["weight_decay"] == 0.0
-    assert all(p.ndim >= 2 for p in decayed["params"]) and all(p.ndim < 2 for p in plain["params"])
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    assert {id(p) for p in trainable_parameters(optimizer)} == {id(p) for p in trainable}

@@ -244,28 +244,15 @@ def pair_scores(logits: torch.Tensor, masks: torch.Tensor, threshold: float = 0.
 def make_optimizer(
     model: torch.nn.Module, config: TrainConfig, steps_per_epoch: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW over the trainable parameters and the per-step LR schedule (linear warm-up first).
-
-    Weight decay applies to weight matrices and kernels (2 or more dimensions) only: decaying
-    biases and LayerNorm gains pulls them towards 0, which is a constraint, not a regulariser.
-    """
+    """AdamW over the trainable parameters and the per-step LR schedule (linear warm-up first)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW([group for group in groups if group["params"]], lr=config.lr)
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
     if config.scheduler == "cosine":
         scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, config.epochs * steps_per_epoch)
     else:
         scheduler = get_constant_schedule_with_warmup(optimizer, warmup_steps)
     return optimizer, scheduler
-
-
-def trainable_parameters(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
-    """Every parameter the optimizer updates, in all its groups: what gradient clipping covers."""
-    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def write_json(path: Path, value: dict[str, Any]) -> None:
@@ -447,7 +434,7 @@ class _EpochRunner:
         )
         # disable=None: a bar on a terminal, none in CI logs (the epoch line still prints)
         bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=None if self.progress else True, leave=False)
-        trainable = trainable_parameters(self.optimizer)
+        trainable = self.optimizer.param_groups[0]["params"]  # what gradient clipping covers
         train_loss = _train_epoch(self.forward, bar, self.train_set, self.optimizer, self.scheduler, trainable, config)
         val = validate(self.forward, self.val_set, config, self.loader_options)
         run.seconds += time.perf_counter() - epoch_started
