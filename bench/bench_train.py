@@ -260,35 +260,19 @@ def phase_naive(workdir: Path) -> dict[str, Any]:
     import torch
     from torch.utils.data import DataLoader
 
-    from drywall_qa.data import SegmentationDataset, collate_pairs
+    from drywall_qa.data import collate_pairs
     from drywall_qa.model import tokenize_prompts
-    from drywall_qa.train import _train_epoch, make_optimizer, validate
+    from drywall_qa.train import _datasets, _train_epoch, make_optimizer, validate
 
     settings, config = _load_phase_inputs(workdir)
     device = torch.device(settings.device)
     started = time.perf_counter()
     model, processor, prompts, train_records, val_records, (mean, std), _ = _scratch_model(config, workdir)
     model.to(device)
-    # Same items, views, batches, loss, optimizer and schedule as `train` (its loader seed included).
-    train_set = SegmentationDataset(
-        train_records,
-        prompts,
-        config.image_size,
-        mean,
-        std,
-        augment=config.augment,
-        negative_prompts=config.negative_prompts,
-        seed=config.seed,
-    )
-    val_set = SegmentationDataset(
-        val_records,
-        prompts,
-        config.image_size,
-        mean,
-        std,
-        augment=False,
-        negative_prompts=config.negative_prompts,
-        seed=config.seed,
+    # Same items, views, batches, loss, optimizer and schedule as `train` (its loader seed included);
+    # the uncached trainer's datasets: a fresh augmented view each epoch.
+    train_set, val_set = _datasets(
+        replace(config, cache_activations=False), model, (mean, std), prompts, train_records, val_records
     )
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     optimizer, scheduler = make_optimizer(model, config, steps_per_epoch)

@@ -15,7 +15,13 @@ import torch
 from PIL import Image
 
 from drywall_qa.checkpoint import HISTORY_COLUMNS, read_state, recover_checkpoints, save_checkpoint
-from drywall_qa.contracts.manifest import ManifestError, image_records, prompts_by_dataset, read_manifest
+from drywall_qa.contracts.manifest import (
+    MANIFEST_COLUMNS,
+    ManifestError,
+    image_records,
+    prompts_by_dataset,
+    read_manifest,
+)
 from drywall_qa.data import SegmentationDataset, channel_statistics, collate_pairs
 from drywall_qa.model import build_model, decode, encode_images, encode_prompts, pair_activations, tokenize_prompts
 from drywall_qa.train import (
@@ -28,18 +34,6 @@ from drywall_qa.train import (
 )
 
 PROMPTS = {"cracks": ["segment crack", "segment wall crack"], "taping": ["segment taping area"]}
-MANIFEST_COLUMNS = [
-    "dataset",
-    "split",
-    "image_id",
-    "image_path",
-    "mask_path",
-    "prompt",
-    "group",
-    "width",
-    "height",
-    "source_split",
-]
 
 
 def make_manifest(root: Path, per_dataset: int = 8, size: int = 48, seed: int = 0) -> Path:
