@@ -264,3 +264,31 @@ def test_predict_probs_rejects_empty_prompts_and_select_device_honours_a_choice(
         predict_probs(model, processor, [Image.new("RGB", (8, 8))], [], device="cpu")
     assert select_device("cpu").type == "cpu"
     assert select_device().type in {"cuda", "mps", "cpu"}
+
+
+def test_conv_stem_replaces_patchify_and_survives_save_and_load(tmp_path):
+    torch.manual_seed(0)
+    model, processor = build_model("tiny", None, 64, False, prompts=PROMPTS, conv_stem=[8, 16, 32, 32])
+    embedding = model.clip.vision_model.embeddings.patch_embedding
+    assert not isinstance(embedding, torch.nn.Conv2d)
+    assert embedding(torch.zeros(1, 3, 64, 96)).shape == (1, model.config.vision_config.hidden_size, 4, 6)
+    plain, _ = tiny()
+    assert count_parameters(model) != count_parameters(plain)
+
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, _ = load_model(tmp_path)
+    model.eval()
+    pixels = torch.randn(2, 3, 64, 80)
+    for ours, theirs in zip(encode_images(model, pixels), encode_images(loaded, pixels), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    # a saved folder is also a starting point for training: its stem comes with it
+    resumed, _ = build_model("tiny", tmp_path, 64, False)
+    assert type(resumed.clip.vision_model.embeddings.patch_embedding) is type(embedding)
+
+
+def test_conv_stem_must_downsample_by_the_patch_size():
+    with pytest.raises(ModelConfigError, match="downsample by 4, not by the patch size 16"):
+        build_model("tiny", None, 64, False, prompts=PROMPTS, conv_stem=[8, 16])
+    with pytest.raises(ModelConfigError, match="positive channel widths"):
+        build_model("tiny", None, 64, False, prompts=PROMPTS, conv_stem=[8, 0, 16, 16])

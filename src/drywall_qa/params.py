@@ -80,6 +80,7 @@ class ModelParams(_Section):
     preset: Literal["tiny", "small", "base"]
     freeze_backbone: bool
     image_size: Positive
+    conv_stem: list[Positive] | None = None  # scratch only: channel widths of the convolutional stem
 
 
 class InferenceParams(_Section):

@@ -103,6 +103,7 @@ class TrainConfig:
     num_threads: int
     crop_scale_jitter: tuple[float, float] = (1.0, 1.0)  # native-scale training only (inference mode whole/sliding)
     crop_foreground_prob: float = 0.5
+    conv_stem: tuple[int, ...] | None = None  # scratch only: the ConvStem's widths (model.conv_stem)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
 
     def __post_init__(self) -> None:
@@ -110,6 +111,8 @@ class TrainConfig:
         if isinstance(self.inference, dict):
             object.__setattr__(self, "inference", InferenceConfig.from_params(self.inference))
         object.__setattr__(self, "crop_scale_jitter", tuple(float(v) for v in self.crop_scale_jitter))
+        if self.conv_stem is not None:
+            object.__setattr__(self, "conv_stem", tuple(int(v) for v in self.conv_stem))
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> TrainConfig:
@@ -122,6 +125,7 @@ class TrainConfig:
             "weights",
             "image_size",
             "freeze_backbone",
+            "conv_stem",
             "inference",
         }
         missing = sorted(names - optional - set(train))
@@ -142,6 +146,7 @@ class TrainConfig:
             weights=model.get("weights") or None,
             image_size=int(model["image_size"]),
             freeze_backbone=bool(model["freeze_backbone"]),
+            conv_stem=model.get("conv_stem") or None,
             inference=inference,
             **values,
         )
@@ -178,7 +183,9 @@ class TrainConfig:
 
     @property
     def weights_init(self) -> str:
-        return str(self.weights) if self.weights else f"scratch:{self.preset}"
+        if self.weights:
+            return str(self.weights)
+        return f"scratch:{self.preset}" + ("+conv_stem" if self.conv_stem else "")
 
     @property
     def uses_cache(self) -> bool:
@@ -402,6 +409,7 @@ def _initial_model(
             prompts=all_prompts,
             image_mean=mean,
             image_std=std,
+            conv_stem=config.conv_stem,
         )
     set_backbone_trainable(model, not config.freeze_backbone)
     config.inference.attach(model)  # saved in every checkpoint's config.json: inference reads it from there
