@@ -29,7 +29,6 @@ from drywall_qa.contracts.roboflow import IMAGE_SUFFIXES, is_image_file
 from drywall_qa.contracts.thresholds import (
     DEFAULT_THRESHOLD,
     THRESHOLDS_FILE,
-    ThresholdsError,
     eval_key,
     read_eval_thresholds,
     read_thresholds,
@@ -277,14 +276,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="image files, or folders whose image files are all predicted",
     )
     predict.set_defaults(handler=predict_command)
+    plots = commands.add_parser(
+        "plots",
+        help="render the pipeline's DVC plots offline",
+        description="`dvc plots show` with Vega inlined into the page, so the charts render with no "
+        "internet. Arguments after `--` go to `dvc plots show`.",
+    )
+    plots.add_argument("--out", default="dvc_plots", help="folder for index.html (default dvc_plots)")
+    plots.add_argument("dvc_args", nargs="*", help="extra `dvc plots show` arguments (targets, options)")
+    plots.set_defaults(handler=plots_command)
     return parser
+
+
+def plots_command(args: argparse.Namespace) -> int:
+    from drywall_qa.plots import render_offline
+
+    page = render_offline(".", args.out, args.dvc_args)
+    print(f"drywall-qa: plots written to {page}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (CliError, ThresholdsError) as error:
+    except DrywallQAError as error:  # the project's errors say what is wrong; no traceback
         print(f"drywall-qa: error: {error}", file=sys.stderr)
         return 2
 
