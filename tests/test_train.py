@@ -408,8 +408,9 @@ def test_pyfunc_model_predicts_binary_masks_from_paths_and_base64(tmp_path, monk
     everything = loaded.predict(frame.iloc[:1], params={"threshold": 0.0})[0]
     assert (everything == 255).all()
     assert mlflow.MlflowClient().get_registered_model("drywall-test").name == "drywall-test"
-    with pytest.raises(ImageInputError, match="neither an existing file nor base64"):
+    with pytest.raises(mlflow.exceptions.MlflowException, match="neither an existing file nor base64") as error:
         loaded.predict(pd.DataFrame({"image": ["/no/such/file.png"], "prompt": ["segment crack"]}))
+    assert isinstance(error.value.__cause__, ImageInputError) and error.value.error_code == "INVALID_PARAMETER_VALUE"
 
 
 def test_served_pyfunc_reads_only_base64_unless_local_paths_are_opted_in(tmp_path, monkeypatch):

@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         required=True,
         help="a save_pretrained folder (models/clipseg/best) or an MLflow model URI "
-        "(models:/drywall-qa-clipseg/1, runs:/<run_id>/model)",
+        "(models:/drywall-qa-clipseg/1, models:/drywall-qa-clipseg@champion, runs:/<run_id>/<logged model name>)",
     )
     predict.add_argument("--out", required=True, help="folder for the masks (created)")
     predict.add_argument(

@@ -13,6 +13,10 @@ Output: a list with one mask per row, a `uint8` array `[H, W]` with values {0, 2
 original size (the same contract as the pipeline's mask PNGs).
 
 Rows that share an image are predicted together: one vision pass per distinct image.
+
+Bad input raises an `MlflowException` (INVALID_PARAMETER_VALUE) carrying the project's message, so
+`mlflow models serve` answers HTTP 400 with that text in the response's `message` (any other
+exception becomes MLflow's generic "unexpected error", with the useful text only in `stack_trace`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
@@ -46,6 +52,10 @@ LOCAL_PATHS_ENV = "DRYWALL_QA_PYFUNC_LOCAL_PATHS"
 
 class ImageInputError(DrywallQAError, ValueError):
     """An `image` value is not base64 image bytes (nor, with the opt-in, an existing file)."""
+
+
+class ModelInputError(DrywallQAError, ValueError):
+    """The input DataFrame lacks a column, or a param is out of range."""
 
 
 def local_paths_allowed() -> bool:
@@ -93,13 +103,21 @@ class ClipSegPyfunc(mlflow.pyfunc.PythonModel):
         self.thresholds = read_thresholds(path) if path else {}
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[np.ndarray]:
+        try:
+            return self._masks(model_input, params or {})
+        except DrywallQAError as error:
+            raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from error
+
+    def _masks(self, model_input: pd.DataFrame, params: dict[str, Any]) -> list[np.ndarray]:
         from drywall_qa.contracts.masks import binarize
         from drywall_qa.inference import predict_probs
 
         missing = [column for column in INPUT_COLUMNS if column not in model_input.columns]
         if missing:
-            raise ValueError(f"input DataFrame lacks columns {missing}; expected {list(INPUT_COLUMNS)}")
-        override = (params or {}).get("threshold")
+            raise ModelInputError(f"input DataFrame lacks columns {missing}; expected {list(INPUT_COLUMNS)}")
+        override = params.get("threshold")
+        if override is not None and not 0 <= float(override) <= 1:
+            raise ModelInputError(f"param threshold must be in [0, 1], got {override!r}")
         masks: list[np.ndarray | None] = [None] * len(model_input)
         rows_by_image: dict[str, list[int]] = {}
         for row, value in enumerate(model_input["image"]):

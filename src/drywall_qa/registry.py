@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -31,6 +32,7 @@ class Registration:
     name: str
     version: str
     run_id: str
+    model_uri: str
     thresholds: dict[str, float]
     gate_passed: bool
     gate_message: str
@@ -77,6 +79,14 @@ def version_description(metrics: Mapping[str, Any], thresholds: Mapping[str, flo
     return f"{scores}. Val-chosen thresholds: {chosen}. {where}."
 
 
+def logged_model_name(client: Any, run: Any) -> str:
+    """`clipseg-<pipeline run name>`: the logged model is named after the execution it came from
+    (the stage's parent run), so the model list in the MLflow UI tells versions apart."""
+    parent_id = run.data.tags.get("mlflow.parentRunId")
+    run_name = client.get_run(parent_id).info.run_name if parent_id else run.info.run_name
+    return "clipseg-" + (re.sub(r"[^A-Za-z0-9_.-]+", "-", run_name or "").strip("-") or run.info.run_id)
+
+
 def register_checkpoint(
     checkpoint_dir: str | Path,
     metrics: Mapping[str, Any],
@@ -93,11 +103,12 @@ def register_checkpoint(
     from drywall_qa.mlflow_model import log_pyfunc_model
 
     thresholds = from_eval_metrics(metrics, prompts)
+    client = mlflow.MlflowClient()
+    name = logged_model_name(client, mlflow.active_run())
     with tempfile.TemporaryDirectory(prefix="drywall-qa-thresholds-") as scratch:
         thresholds_file = Path(scratch) / THRESHOLDS_FILE
         write_thresholds(thresholds_file, thresholds)
-        info = log_pyfunc_model(checkpoint_dir, thresholds_file, registered_model_name=registered_model_name)
-    client = mlflow.MlflowClient()
+        info = log_pyfunc_model(checkpoint_dir, thresholds_file, registered_model_name=registered_model_name, name=name)
     version = str(info.registered_model_version)
     passed, message = gate_result(baseline, metrics, gate_keys, gate_tolerance)
     client.update_model_version(
@@ -111,7 +122,14 @@ def register_checkpoint(
     if passed:
         client.set_registered_model_alias(registered_model_name, CHAMPION_ALIAS, version)
     return Registration(
-        registered_model_name, version, mlflow.active_run().info.run_id, thresholds, passed, message, passed
+        registered_model_name,
+        version,
+        mlflow.active_run().info.run_id,
+        info.model_uri,
+        thresholds,
+        passed,
+        message,
+        passed,
     )
 
 
