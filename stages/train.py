@@ -1,8 +1,9 @@
-"""DVC stage `train`: data/manifest.csv -> models/clipseg/{best,last}/, metrics/train.json and
+"""DVC stage `train`: data/manifest.csv -> models/clipseg/best/, metrics/train.json and
 plots/train_history.csv; MLflow gets per-epoch metrics, the history figure and the best checkpoint
 (the `register` stage registers it once evaluation has chosen its thresholds).
 
-A killed run resumes from models/clipseg/last/ when re-run with the same params and manifest.
+A killed run resumes from data/cache/train/last/ (not a DVC output) when re-run with the same params
+and manifest.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def train_stage(stage: Stage) -> str:
 
     config = TrainConfig.from_params(stage.params)
     # A run killed mid-training resumes from last/ and continues its own MLflow run.
-    resume_id = resumable_run_id(config, paths.MANIFEST, paths.MODEL_DIR)
+    resume_id = resumable_run_id(config, paths.MANIFEST, paths.TRAIN_WORK_DIR)
     with stage.tracked(resume_run_id=resume_id) as run:
         if resume_id is None:
             log_dataset(paths.MANIFEST, name="manifest", context="train")
@@ -66,6 +67,7 @@ def train_stage(stage: Stage) -> str:
             cache_dir=stage.repo_root / paths.ACTIVATION_CACHE if config.uses_cache else None,
             on_epoch=log_epoch,
             tracking_run_id=run.info.run_id,
+            work_dir=paths.TRAIN_WORK_DIR,
         )
         mlflow.log_metrics(
             {

@@ -23,7 +23,15 @@ from drywall_qa.contracts.manifest import (
     read_manifest,
 )
 from drywall_qa.data import SegmentationDataset, channel_statistics, collate_pairs
-from drywall_qa.model import build_model, decode, encode_images, encode_prompts, pair_activations, tokenize_prompts
+from drywall_qa.model import (
+    build_model,
+    decode,
+    encode_images,
+    encode_prompts,
+    load_model,
+    pair_activations,
+    tokenize_prompts,
+)
 from drywall_qa.train import (
     TrainConfig,
     TrainConfigError,
@@ -431,3 +439,46 @@ def test_served_pyfunc_reads_only_base64_unless_local_paths_are_opted_in(tmp_pat
     assert decode_image(base64.b64encode(existing.read_bytes()).decode()).size == (8, 8)
     monkeypatch.setenv(LOCAL_PATHS_ENV, "1")
     assert decode_image(str(existing)).size == (8, 8)
+
+
+def test_the_published_model_has_the_same_bytes_when_the_same_training_runs_again(tmp_path):
+    """What DVC hashes (models/clipseg) holds no wall times or run ids: a repeated run, even one killed
+    and resumed, gives the same files, so a committed dvc.lock's model hash is reproducible and
+    `dvc checkout` finds it in the cache."""
+    import hashlib
+
+    make_manifest(tmp_path)
+    config = tiny_config(epochs=2)
+
+    def contents(folder: Path) -> dict[str, str]:
+        return {
+            path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*"))
+            if path.is_file()
+        }
+
+    def kill_after_epoch_1(row: dict) -> None:
+        if row["epoch"] == 1:
+            raise Killed
+
+    published = []
+    for name in ("a", "b"):
+        work = tmp_path / name / "work"
+        if name == "b":
+            with pytest.raises(Killed):
+                run_training(tmp_path, config, out=name, work_dir=work, on_epoch=kill_after_epoch_1)
+            assert not (tmp_path / name / "models" / "best").exists()  # published only when training ends
+        run_training(tmp_path, config, out=name, work_dir=work, tracking_run_id=f"run-{name}")
+        models = tmp_path / name / "models"
+        assert sorted(p.name for p in models.iterdir()) == ["best"]  # last/ stays in the work folder
+        assert read_state(work / "last")["mlflow_run_id"] == f"run-{name}"
+        state = read_state(models / "best")
+        assert "run" not in state and "mlflow_run_id" not in state and state["best_val_miou"] > -1
+        assert not (models / "best" / "optimizer_state.pt").exists()
+        published.append(contents(models / "best"))
+    assert published[0] == published[1]
+    # the work folder's best/ is the same model, with its run's state
+    loaded, _ = load_model(tmp_path / "a" / "models" / "best")
+    original, _ = load_model(tmp_path / "a" / "work" / "best")
+    for ours, theirs in zip(loaded.state_dict().values(), original.state_dict().values(), strict=True):
+        assert torch.equal(ours, theirs)

@@ -2,7 +2,9 @@
 resume state they carry, recovery from a kill mid-write, and the training history file.
 
 `last/` also holds the optimizer, scheduler and RNG state, so a killed run resumes where it stopped
-when its config fingerprint (params and manifest) matches.
+when its config fingerprint (params and manifest) matches. Both live in a work folder; the pipeline's
+model (what DVC hashes) is `publish_checkpoint`'s copy of `best/` without the run-specific state
+(wall times, the MLflow run id), so the same training gives the same bytes and DVC hash.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from drywall_qa.contracts.atomic import write_text_atomic
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_miou", "val_dice", "lr", "seconds"]
 STATE_FILE = "training_state.json"
 OPTIMIZER_FILE = "optimizer_state.pt"
+RUN_SPECIFIC_STATE = ("run", "mlflow_run_id")  # differ between two runs of one config: not published
 
 
 def _tmp_prefix(name: str) -> str:
@@ -66,6 +69,27 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
+    return _swap_in(temp, output_dir, name)
+
+
+def publish_checkpoint(checkpoint: Path, output_dir: Path, name: str = "best") -> Path:
+    """Copy `checkpoint` to `output_dir/name` atomically, its state without `RUN_SPECIFIC_STATE`."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(name), dir=output_dir))
+    temp.chmod(0o755)
+    try:
+        shutil.copytree(checkpoint, temp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(OPTIMIZER_FILE))
+        state = read_state(checkpoint) or {}
+        published = {key: value for key, value in state.items() if key not in RUN_SPECIFIC_STATE}
+        (temp / STATE_FILE).write_text(json.dumps(published, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return _swap_in(temp, output_dir, name)
+
+
+def _swap_in(temp: Path, output_dir: Path, name: str) -> Path:
+    """Rename the finished temp folder to `output_dir/name`: old away, new in, old deleted."""
     target, old = output_dir / name, output_dir / f".{name}.old"
     if old.exists():
         shutil.rmtree(old)

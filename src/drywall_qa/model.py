@@ -327,6 +327,26 @@ def load_model(path_or_id: str | Path) -> tuple[CLIPSegForImageSegmentation, CLI
     return model, processor
 
 
+def reloaded(
+    model: CLIPSegForImageSegmentation, processor: CLIPSegProcessor
+) -> tuple[CLIPSegForImageSegmentation, CLIPSegProcessor]:
+    """The model and processor saved and loaded back (same weights, RNG untouched).
+
+    transformers adds defaults to what it loads (`dtype` in config.json, `is_local` and padding
+    keys in tokenizer_config.json), so a new model saves other bytes than the same model loaded from
+    a checkpoint. Training starts from the reloaded model: a run resumed from `last/` and one that
+    never stopped then save identical files.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="drywall-qa-reload-") as folder:
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        loaded, loaded_processor = load_model(folder)
+    loaded.train(model.training)
+    return loaded, loaded_processor
+
+
 def _saved_state(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -385,7 +405,13 @@ def encode_prompts(
 
 def tokenize_prompts(processor: CLIPSegProcessor, prompts: Sequence[str], device: torch.device | str = "cpu"):
     """`(input_ids, attention_mask)` for `prompts`, padded to the longest."""
+    backend = processor.tokenizer.backend_tokenizer
+    padding_before = backend.padding
     encoded = processor.tokenizer(list(prompts), padding=True, return_tensors="pt")
+    if padding_before is None:
+        # transformers leaves padding switched on in the backend tokenizer, and a checkpoint saved
+        # afterwards would record it: a resumed run would then save other bytes than a fresh one
+        backend.no_padding()
     return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
 
 

@@ -4,11 +4,13 @@ One step: the vision encoder runs once per image of the batch (or its activation
 cache when the backbone is frozen), the decoder once per (image, prompt) pair, including negative
 prompts with empty masks. Loss = bce_weight * BCE + dice_weight * soft Dice.
 
-Checkpoints (`<output_dir>/best/`, `<output_dir>/last/`) are `save_pretrained` folders with the
+Checkpoints (`<work_dir>/best/`, `<work_dir>/last/`) are `save_pretrained` folders with the
 processor and `training_state.json`; `last/` also holds `optimizer_state.pt` (optimizer, scheduler,
 RNG). Each is written into a temp folder beside it and swapped in by renames, so a killed run leaves
 either the old or the new folder, never a half-written one. A re-run resumes from `last/` when its
-config fingerprint (training config + manifest hash) matches, and starts fresh otherwise.
+config fingerprint (training config + manifest hash) matches, and starts fresh otherwise. When the
+run ends, `best/` is published to `<output_dir>/best/` without its run-specific state, so the
+pipeline's model (a DVC output) has the same bytes whenever the same training is repeated.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from transformers import (
 
 from drywall_qa.activation_cache import ActivationCache
 from drywall_qa.checkpoint import (
+    publish_checkpoint,
     recover_checkpoints,
     restore_optimizer,
     resumable_state,
@@ -64,6 +67,7 @@ from drywall_qa.model import (
     encode_images,
     encode_prompts,
     pair_activations,
+    reloaded,
     resize_logits,
     set_backbone_trainable,
     tokenize_prompts,
@@ -306,18 +310,23 @@ def train(
     progress: bool = True,
     log: Callable[[str], None] = print,
     tracking_run_id: str | None = None,
+    work_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train on the manifest's train split, validate on val each epoch, return the summary also
     written to `metrics_path`.
 
+    `work_dir` (default `output_dir`) holds `best/` and `last/` while training; a distinct
+    `output_dir` then gets only the published `best/`.
+
     `cache_dir`: where the activation cache keeps its files (frozen backbone and
     `cache_activations` only); None keeps it in memory. `on_epoch` gets each history row (the
-    stage logs it to MLflow). Resumes from `output_dir/last/` when its fingerprint matches.
+    stage logs it to MLflow). Resumes from `work_dir/last/` when its fingerprint matches.
     `tracking_run_id` (the stage's MLflow run) is saved in the checkpoints, so a resumed run can
     continue the same MLflow run (`resumable_run_id`).
     """
     started = time.perf_counter()
     output_dir, metrics_path, history_path = Path(output_dir), Path(metrics_path), Path(history_path)
+    work = Path(work_dir) if work_dir is not None else output_dir
     set_determinism(config.seed, config.num_threads)
     device_ = select_device(device)
     rows = read_manifest(manifest_path)
@@ -325,8 +334,10 @@ def train(
     train_records, val_records = image_records(rows, "train", root), image_records(rows, "val", root)
     fingerprint = config_fingerprint(config, manifest_path)
 
-    resume_state = _resume_state_or_clear(output_dir, fingerprint, log)
-    last = output_dir / "last" if resume_state is not None else None
+    resume_state = _resume_state_or_clear(work, fingerprint, log)
+    if work != output_dir:
+        shutil.rmtree(output_dir / "best", ignore_errors=True)  # published again when this run ends
+    last = work / "last" if resume_state is not None else None
     model, processor = _initial_model(config, last, train_records, prompt_order(prompts), log)
     model.to(device_)
     normalisation = (processor.image_processor.image_mean, processor.image_processor.image_std)
@@ -336,7 +347,7 @@ def train(
 
     run, start_epoch = _Run(history=[]), 1
     if resume_state is not None:
-        restore_optimizer(output_dir / "last", optimizer, scheduler)
+        restore_optimizer(work / "last", optimizer, scheduler)
         run, start_epoch = _Run(**resume_state["run"]), resume_state["epoch"] + 1
         log(f"train: resuming from last/ after epoch {resume_state['epoch']} (config fingerprint matches)")
 
@@ -356,7 +367,7 @@ def train(
         state = _resume_record(
             config, epoch, stop or epoch == config.epochs, fingerprint, train_set.prompt_list, run, tracking_run_id
         )
-        save_epoch(output_dir, model, processor, state, improved, optimizer, scheduler)
+        save_epoch(work, model, processor, state, improved, optimizer, scheduler)
         write_history(history_path, run.history)
         log(_epoch_line(row, val))
         if on_epoch is not None:
@@ -365,6 +376,8 @@ def train(
             log(f"train: early stop after epoch {epoch}: no val mIoU gain for {run.epochs_without_improvement} epochs")
             break
 
+    if work != output_dir:
+        publish_checkpoint(work / "best", output_dir)
     summary = _summary(config, run, start_epoch, started, model, device_, train_set, val_set, cache)
     write_history(history_path, run.history)
     write_json(metrics_path, summary)
@@ -411,6 +424,8 @@ def _initial_model(
             image_std=std,
             conv_stem=config.conv_stem,
         )
+    if last is None:
+        model, processor = reloaded(model, processor)  # saves the same bytes as a model resumed from last/
     set_backbone_trainable(model, not config.freeze_backbone)
     config.inference.attach(model)  # saved in every checkpoint's config.json: inference reads it from there
     return model, processor
@@ -568,11 +583,11 @@ def _loader_options(device: torch.device) -> dict[str, Any]:
     return {"num_workers": 0}  # CPU: the model needs every core
 
 
-def resumable_run_id(config: TrainConfig, manifest_path: str | Path, output_dir: str | Path) -> str | None:
+def resumable_run_id(config: TrainConfig, manifest_path: str | Path, work_dir: str | Path) -> str | None:
     """The MLflow run of the unfinished training that `train` would resume, if it recorded one."""
     if not Path(manifest_path).is_file():
         return None
-    state = resumable_state(Path(output_dir) / "last", config_fingerprint(config, manifest_path), lambda _: None)
+    state = resumable_state(Path(work_dir) / "last", config_fingerprint(config, manifest_path), lambda _: None)
     return state.get("mlflow_run_id") if state else None
 
 

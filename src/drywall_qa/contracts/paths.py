@@ -7,8 +7,11 @@ RAW_DIR = "data/raw"  # download: one Roboflow export per dataset, plus source.j
 MASKS_DIR = "data/masks"  # convert: <dataset>/<image_id>__<prompt_slug>.png
 IMAGES_CSV = "data/interim/images.csv"  # convert: one row per converted image
 MANIFEST = "data/manifest.csv"  # split: one row per (image, prompt) with its split
-MODEL_DIR = "models/clipseg"  # train: best/ and last/ (save_pretrained folders)
+MODEL_DIR = "models/clipseg"  # train: best/ (a save_pretrained folder), published when training ends
 BEST_CHECKPOINT = f"{MODEL_DIR}/best"
+# not a DVC output: best/ and last/ of the training in progress, so a killed run resumes; what DVC
+# hashes (MODEL_DIR) then holds no wall times or run ids and repeats byte for byte
+TRAIN_WORK_DIR = "data/cache/train"
 PREDICTIONS_DIR = "data/predictions"  # evaluate: binarised test predictions, <dataset>/<mask file>
 ACTIVATION_CACHE = "data/cache/activations"  # not a DVC output: reused across runs (keys hold what decides it)
 
