@@ -1,4 +1,5 @@
-"""DVC stage `evaluate`: models/clipseg/best + data/manifest.csv -> metrics/eval.json, data/predictions/,
+"""DVC stage `evaluate`: models/clipseg/best + data/manifest.csv -> metrics/eval.json (with
+metrics/train.json also the DVC metrics file metrics/headline.json), data/predictions/,
 plots/eval_per_image.csv, plots/eval_per_prompt.csv, plots/threshold_sweep.csv.
 
 Thresholds are chosen per prompt on val, test is scored with them; the untrained model gives the
@@ -6,9 +7,12 @@ zero-shot row; inference time and memory are measured on test images."""
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 from drywall_qa.contracts import paths
+from drywall_qa.contracts.headline import pipeline_metrics, write_headline
 from drywall_qa.stage import Stage, run_stage
 
 
@@ -18,7 +22,7 @@ def evaluate(stage: Stage) -> str:
     import pandas as pd
 
     from drywall_qa.evaluate import EvaluateSettings, run_evaluation
-    from drywall_qa.tracking import log_dataset
+    from drywall_qa.tracking import log_dataset, log_to_pipeline
 
     settings = EvaluateSettings.from_params(stage.params)
     with stage.tracked():
@@ -32,6 +36,10 @@ def evaluate(stage: Stage) -> str:
             plots_dir="plots",
         )
         mlflow.log_metrics({k: v for k, v in result.metrics.items() if isinstance(v, int | float)})
+        train_summary = json.loads(Path(paths.TRAIN_METRICS).read_text(encoding="utf-8"))
+        write_headline(paths.HEADLINE_METRICS, result.metrics, train_summary)
+        log_to_pipeline(pipeline_metrics(result.metrics))  # the parent run: what executions are compared on
+        mlflow.log_artifact(paths.HEADLINE_METRICS)
         mlflow.set_tag("device", result.metrics["runtime.device"])
         mlflow.log_table(pd.DataFrame(result.per_image), "eval_per_image.json")
         mlflow.log_artifact(paths.EVAL_METRICS)

@@ -1,4 +1,4 @@
-"""DVC stage `register`: models/clipseg/best + metrics/eval.json -> a new version of the registered
+"""DVC stage `register`: models/clipseg/best + metrics/eval.json (+ the gate's metrics/headline.json) -> a new version of the registered
 MLflow model (params `mlflow.registered_model`) that carries the val-chosen thresholds, marked
 `champion` when the regression gate passes against the committed metrics; metrics/registry.json
 records which version it is."""
@@ -20,7 +20,8 @@ def register(stage: Stage) -> str:
     from drywall_qa.registry import committed_metrics, register_checkpoint, run_context, write_registration
 
     gate = stage.params["gate"]
-    metrics = json.loads(Path(gate["metrics_file"]).read_text(encoding="utf-8"))
+    metrics = json.loads(Path(paths.EVAL_METRICS).read_text(encoding="utf-8"))  # thresholds, description
+    gated = json.loads(Path(gate["metrics_file"]).read_text(encoding="utf-8"))
     source = json.loads(Path(paths.SOURCE_RECORD).read_text(encoding="utf-8"))
     context = run_context() | {
         "data_source": str(source.get("source", "")),
@@ -36,6 +37,7 @@ def register(stage: Stage) -> str:
             gate["tolerance"],
             committed_metrics(gate["metrics_file"], repo=Path.cwd()),
             context,
+            gated_metrics=gated,
         )
     write_registration(paths.REGISTRY_RECORD, registration)
     alias = "now @champion" if registration.champion else "champion unchanged (gate did not pass)"

@@ -1,15 +1,19 @@
-"""DVC stage `report`: metrics and figures of the run -> reports/report.md (+ report.html)."""
+"""DVC stage `report`, the last: metrics, figures and the registered version of the run ->
+reports/report.md (+ report.html); its end finishes the pipeline's MLflow parent run, whose
+description becomes the report's first lines."""
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import mlflow
 
 from drywall_qa.contracts import paths
-from drywall_qa.report import build_report, load_inputs, write_report
+from drywall_qa.report import build_report, headline, load_inputs, write_report
 from drywall_qa.stage import Stage, run_stage
-from drywall_qa.tracking import dvc_lock_digest, git_commit, pipeline_stage_seconds
+from drywall_qa.tracking import describe_run, dvc_lock_digest, git_commit, pipeline_stage_seconds
 
 
 def report(stage: Stage) -> str:
@@ -21,9 +25,15 @@ def report(stage: Stage) -> str:
         eval_json=paths.EVAL_METRICS,
         figures_dir=paths.FIGURES_DIR,
     )
+    registration = json.loads(Path(paths.REGISTRY_RECORD).read_text(encoding="utf-8"))
     with stage.tracked() as run:
         parent_id = run.data.tags.get("mlflow.parentRunId")
-        mlflow_ids = {"pipeline run": parent_id or "none", "report stage run": run.info.run_id}
+        mlflow_ids = {
+            "pipeline run": parent_id or "none",
+            "report stage run": run.info.run_id,
+            "registered model": f"models:/{registration['name']}/{registration['version']}"
+            + (" (@champion)" if registration.get("champion") else " (gate not passed: not champion)"),
+        }
         markdown = build_report(
             inputs,
             params=stage.params,  # all of params.yaml: dvc.yaml declares them all for the report
@@ -35,6 +45,8 @@ def report(stage: Stage) -> str:
         written = write_report(markdown, paths.REPORT_DIR)
         for path in written:
             mlflow.log_artifact(str(path), artifact_path="report")
+        if parent_id:  # the pipeline run's description: the report's first lines
+            describe_run(parent_id, headline(inputs))
     return f"report: wrote {', '.join(str(p) for p in written)}"
 
 

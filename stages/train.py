@@ -43,7 +43,7 @@ def train_stage(stage: Stage) -> str:
     from transformers.utils import logging as hf_logging
 
     from drywall_qa.checkpoint import read_history
-    from drywall_qa.tracking import log_dataset
+    from drywall_qa.tracking import log_dataset, log_to_pipeline
     from drywall_qa.train import TrainConfig, resumable_run_id, train
 
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar per checkpoint in the stage log
@@ -77,6 +77,8 @@ def train_stage(stage: Stage) -> str:
             }
         )
         mlflow.log_dict(summary, "train.json")
+        summary_keys = ("best_val_miou", "best_val_dice", "best_epoch", "epochs_run", "seconds", "params")
+        log_to_pipeline({f"train.{key}": summary[key] for key in summary_keys})
         mlflow.log_artifact(paths.TRAIN_HISTORY)
         history = read_history(Path(paths.TRAIN_HISTORY))  # every epoch, also those before a resume
         if history:

@@ -141,3 +141,78 @@ def test_a_dead_processes_running_run_is_closed_at_the_next_start(store):
     with tracking.stage_run("convert", params={}, all_params={"lr": 1}):
         pass
     assert client.get_run(orphan.info.run_id).info.status == "KILLED"
+
+
+def _parents(root):
+    return [r for r in _runs(root) if r.data.tags.get(tracking.PARENT_TAG) == "pipeline"]
+
+
+PIPELINE_PARAMS = {"seed": 1, "data": {"source": "synthetic"}, "model": {"weights": None, "preset": "tiny"}}
+
+
+def test_the_parent_spans_its_execution_and_holds_what_people_compare(store, monkeypatch):
+    monkeypatch.setattr(tracking, "git_commit", lambda root: "0123456789abcdef")
+    with tracking.stage_run("train", params={}, all_params=PIPELINE_PARAMS):
+        tracking.log_to_pipeline({"train.best_val_miou": 0.3})
+    (parent,) = _parents(store)
+    assert parent.info.status == "RUNNING"  # stages remain
+    assert parent.info.run_name == "repro 0123456 synthetic/scratch-tiny"
+    assert parent.data.tags["data_source"] == "synthetic" and parent.data.tags["weights"] == "scratch (tiny)"
+    assert parent.data.tags["git_commit"] == "0123456789abcdef" and "params_hash" in parent.data.tags
+    assert parent.data.params["model.preset"] == "tiny" and parent.data.params["seed"] == "1"
+    with tracking.stage_run("report", params={}, all_params=PIPELINE_PARAMS) as run:
+        tracking.describe_run(run.data.tags["mlflow.parentRunId"], "# drywall-qa\nTest mIoU 0.3")
+    (parent,) = _parents(store)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["train.best_val_miou"] == 0.3
+    assert {"stage_seconds.train", "stage_seconds.report"} <= set(parent.data.metrics)
+    assert parent.data.tags[tracking.DESCRIPTION_TAG].startswith("# drywall-qa")
+    experiment = mlflow.MlflowClient().get_experiment(parent.info.experiment_id)
+    assert "parent run is one `dvc repro`" in experiment.tags[tracking.DESCRIPTION_TAG]
+
+
+def test_a_killed_stage_kills_the_parent_and_the_rerun_continues_it(store, monkeypatch):
+    monkeypatch.setattr(tracking, "dvc_execution_id", lambda: "4242-1")
+    with tracking.stage_run("download", params={}, all_params=PIPELINE_PARAMS):
+        pass
+    with pytest.raises(KeyboardInterrupt), tracking.stage_run("train", params={}, all_params=PIPELINE_PARAMS):
+        raise KeyboardInterrupt
+    (parent,) = _parents(store)
+    assert parent.info.status == "KILLED"
+    monkeypatch.setattr(tracking, "dvc_execution_id", lambda: "4343-2")  # the re-run: another dvc process
+    with tracking.stage_run("train", params={}, all_params=PIPELINE_PARAMS):
+        assert _parents(store)[0].info.status == "RUNNING"
+    for stage in ("evaluate", "report"):
+        with tracking.stage_run(stage, params={}, all_params=PIPELINE_PARAMS):
+            pass
+    (parent,) = _parents(store)  # one parent for the killed execution and its re-run
+    assert parent.info.status == "FINISHED" and parent.data.tags[tracking.EXECUTION_TAG] == "4343-2"
+    children = [r for r in _runs(store) if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted((r.info.run_name, r.info.status) for r in children) == [
+        ("download", "FINISHED"),
+        ("evaluate", "FINISHED"),
+        ("report", "FINISHED"),
+        ("train", "FINISHED"),
+        ("train", "KILLED"),
+    ]
+    # a new execution of the finished pipeline (same commit and params) gets a new parent
+    monkeypatch.setattr(tracking, "dvc_execution_id", lambda: "4444-3")
+    with tracking.stage_run("download", params={}, all_params=PIPELINE_PARAMS):
+        pass
+    assert sorted(r.info.status for r in _parents(store)) == ["FINISHED", "RUNNING"]
+
+
+def test_a_parent_whose_dvc_process_died_is_closed_from_its_stages(store, monkeypatch):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    monkeypatch.setattr(tracking, "dvc_execution_id", lambda: f"{dead.stdout.strip()}-1")
+    with tracking.stage_run("train", params={}, all_params=PIPELINE_PARAMS):
+        pass  # a partial `dvc repro train`: its dvc process then exits, the parent stays RUNNING
+    assert _parents(store)[0].info.status == "RUNNING"
+    monkeypatch.setattr(tracking, "dvc_execution_id", lambda: f"{__import__('os').getpid()}-2")
+    with tracking.stage_run("download", params={}, all_params={**PIPELINE_PARAMS, "seed": 2}):
+        pass  # any next stage start closes it: every stage of it finished, so FINISHED
+    by_seed = {r.data.params["seed"]: r.info.status for r in _parents(store)}
+    assert by_seed == {"1": "FINISHED", "2": "RUNNING"}

@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_params(args.params).get("gate")
         if not config or not config.get("keys"):
             raise GateError(f"{args.params} has no `gate.keys`")
-        metrics_file = config.get("metrics_file", "metrics/eval.json")
+        metrics_file = config.get("metrics_file", "metrics/headline.json")
         if args.diff_json:
             diff = json.loads(Path(args.diff_json).read_text(encoding="utf-8"))
         else:

@@ -96,8 +96,13 @@ def register_checkpoint(
     gate_tolerance: float,
     baseline: Mapping[str, Any],
     context: Mapping[str, str],
+    gated_metrics: Mapping[str, Any] | None = None,
 ) -> Registration:
-    """Log and register the checkpoint from the active MLflow run (see the module docstring)."""
+    """Log and register the checkpoint from the active MLflow run (see the module docstring).
+
+    `metrics` (eval.json) give the thresholds, description and tags; the gate compares
+    `gated_metrics` (default `metrics`) with `baseline`, the same file as committed.
+    """
     import mlflow
 
     from drywall_qa.mlflow_model import log_pyfunc_model
@@ -110,7 +115,9 @@ def register_checkpoint(
         write_thresholds(thresholds_file, thresholds)
         info = log_pyfunc_model(checkpoint_dir, thresholds_file, registered_model_name=registered_model_name, name=name)
     version = str(info.registered_model_version)
-    passed, message = gate_result(baseline, metrics, gate_keys, gate_tolerance)
+    passed, message = gate_result(
+        baseline, gated_metrics if gated_metrics is not None else metrics, gate_keys, gate_tolerance
+    )
     client.update_model_version(
         registered_model_name, version, description=version_description(metrics, thresholds, context)
     )

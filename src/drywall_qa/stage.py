@@ -22,7 +22,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ class Stage:
     params: dict[str, Any]  # the keys dvc.yaml declares for this stage (nested as in params.yaml)
     all_params: dict[str, Any]  # all of params.yaml: logged once on the pipeline's parent run
     repo_root: Path  # the user's repo: DVC_ROOT under `dvc exp run --temp`, else the working folder
+    run_ids: list[str] = field(default_factory=list)  # the MLflow runs `tracked` opened
 
     @contextlib.contextmanager
     def tracked(self, resume_run_id: str | None = None) -> Iterator[Any]:
@@ -51,6 +52,7 @@ class Stage:
             experiment=self.all_params["mlflow"]["experiment"],
             resume_run_id=resume_run_id,
         ) as run:
+            self.run_ids.append(run.info.run_id)
             yield run
 
 
@@ -111,10 +113,15 @@ def run_stage(
 ) -> int:
     """Run one stage: 0 on success (the body's summary printed), 1 with one line for a user error."""
     try:
-        summary = body(load_stage(name, params_path, dvc_yaml))
+        stage = load_stage(name, params_path, dvc_yaml)
+        summary = body(stage)
     except DrywallQAError as error:
         print(f"{name}: {error}", file=sys.stderr)
         return 1
     if summary:
         print(summary)
+        if stage.run_ids:  # the stage run's description in the MLflow UI: what it did, in its own words
+            from drywall_qa.tracking import describe_run
+
+            describe_run(stage.run_ids[-1], summary)
     return 0

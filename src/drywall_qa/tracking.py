@@ -6,10 +6,18 @@ Store: `MLFLOW_TRACKING_URI` if set (a team server), else `sqlite:///<DVC_ROOT>/
 in `<DVC_ROOT>/mlartifacts`. DVC sets `DVC_ROOT` for every stage, also for `dvc exp run --temp` and queued
 experiments that run in a temporary copy of the repo, so their runs land in the user's store.
 
-Grouping: stages of one execution share a parent run, found by the tag `drywall_qa.pipeline_key`:
-- under `dvc exp run`: the experiment name (`DVC_EXP_NAME`);
-- under `dvc repro`: git commit + params hash + the id of the `dvc` process running the stages;
-- a stage run by hand (no dvc process): git commit + params hash.
+Grouping: stages of one execution share a parent run, found by the tag `drywall_qa.pipeline_key`
+(under `dvc exp run` the experiment name, `DVC_EXP_NAME`; else git commit + params hash):
+- the latest parent of that key is continued unless it FINISHED under another execution (another
+  `dvc` process): a re-run after a kill or a failure continues its parent, a new execution of a
+  finished pipeline gets a new one;
+- the parent is RUNNING while stages run, FINISHED when the last stage (`report`) ends, FAILED or
+  KILLED when a stage dies. A parent whose `dvc` process is gone (SIGKILL, or a partial
+  `dvc repro <stage>` that ended before `report`) is closed when the next stage starts: KILLED if a
+  stage of it did not finish, else FINISHED;
+- the parent carries every param, tags (data source, weights, DVC experiment, baseline), the
+  headline metrics the stages log onto it (`log_to_pipeline`) and each stage's wall time
+  (`stage_seconds.<stage>`); the report stage writes its description.
 """
 
 from __future__ import annotations
@@ -44,6 +52,15 @@ DEFAULT_EXPERIMENT = "drywall-qa"
 
 HOST_TAG = "drywall_qa.host"
 PID_TAG = "drywall_qa.pid"
+EXECUTION_TAG = "drywall_qa.execution"  # `<pid>-<start time>` of the dvc process that last ran a stage of it
+DESCRIPTION_TAG = "mlflow.note.content"  # what the MLflow UI shows as a run's (or experiment's) description
+LAST_STAGE = "report"  # its end finishes the parent run
+EXPERIMENT_DESCRIPTION = (
+    "drywall-qa pipeline executions. Each parent run is one `dvc repro` or `dvc exp run`: every param, "
+    "the headline metrics (test mIoU and Dice per prompt, best val mIoU, thresholds, wall time per stage, "
+    "footprint) and the report's first lines. Its children are the stages. Select two parents and press "
+    "Compare to see them side by side."
+)
 
 
 class TrackingUnavailableError(DrywallQAError, RuntimeError):
@@ -70,8 +87,13 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _process_gone(pid_text: str) -> bool:
+    return pid_text.isdigit() and int(pid_text) != os.getpid() and not psutil.pid_exists(int(pid_text))
+
+
 def close_dead_runs(client: MlflowClient, experiment_id: str) -> list[str]:
-    """Mark KILLED the RUNNING stage runs of this host whose process is gone (a SIGKILL, a power cut)."""
+    """Close the RUNNING runs of this host whose process is gone (a SIGKILL, a power cut): stage runs
+    as KILLED, then parents (see the module docstring) as KILLED or FINISHED from their stages."""
     host = socket.gethostname()
     stale = client.search_runs(
         [experiment_id],
@@ -79,10 +101,18 @@ def close_dead_runs(client: MlflowClient, experiment_id: str) -> list[str]:
         max_results=1000,
     )
     closed = []
-    for run in stale:
-        pid = run.data.tags.get(PID_TAG, "")
-        if pid.isdigit() and int(pid) != os.getpid() and not psutil.pid_exists(int(pid)):
+    stages = [run for run in stale if run.data.tags.get(PARENT_TAG) != "pipeline"]
+    for run in stages:
+        if _process_gone(run.data.tags.get(PID_TAG, "")):
             client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+    for run in stale:
+        if run.data.tags.get(PARENT_TAG) == "pipeline" and _process_gone(run.data.tags.get(PID_TAG, "")):
+            children = client.search_runs(
+                [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}'", max_results=1000
+            )
+            unfinished = any(child.info.status != "FINISHED" for child in children)
+            client.set_terminated(run.info.run_id, status="KILLED" if unfinished else "FINISHED")
             closed.append(run.info.run_id)
     return closed
 
@@ -141,9 +171,17 @@ def pipeline_key(commit: str, all_params: dict[str, Any]) -> str:
     exp_name = os.environ.get("DVC_EXP_NAME")
     if exp_name:
         return f"exp:{exp_name}"
-    key = f"{commit[:12]}-{params_hash(all_params)}"
-    execution = dvc_execution_id()
-    return f"{key}-dvc{execution}" if execution else key
+    return f"{commit[:12]}-{params_hash(all_params)}"
+
+
+def pipeline_run_name(commit: str, all_params: dict[str, Any]) -> str:
+    """The DVC experiment's name, else `repro <short commit> <data source>/<weights>`."""
+    exp_name = os.environ.get("DVC_EXP_NAME")
+    if exp_name:
+        return exp_name
+    model = all_params.get("model", {})
+    weights = model.get("weights") or f"scratch-{model.get('preset', '?')}"
+    return f"repro {commit[:7]} {all_params.get('data', {}).get('source', '?')}/{weights}"
 
 
 def _check_reachable(uri: str) -> None:
@@ -172,10 +210,23 @@ def configure(experiment: str = DEFAULT_EXPERIMENT) -> str:
     if project_store and mlflow.get_experiment_by_name(experiment) is None:
         artifact_root = (root / "mlartifacts").as_uri()
         mlflow.create_experiment(experiment, artifact_location=artifact_root)
-    return mlflow.set_experiment(experiment).experiment_id
+    found = mlflow.set_experiment(experiment)
+    if DESCRIPTION_TAG not in found.tags:
+        MlflowClient().set_experiment_tag(found.experiment_id, DESCRIPTION_TAG, EXPERIMENT_DESCRIPTION)
+    return found.experiment_id
 
 
-def _parent_run_id(client: MlflowClient, experiment_id: str, key: str, tags: dict[str, str]) -> str:
+def _execution_tags() -> dict[str, str]:
+    """Who runs the pipeline: the dvc process (its pid is watched by `close_dead_runs`); none by hand."""
+    execution = dvc_execution_id()
+    if execution is None:
+        return {}
+    return {EXECUTION_TAG: execution, PID_TAG: execution.split("-")[0], HOST_TAG: socket.gethostname()}
+
+
+def _parent_run_id(client: MlflowClient, experiment_id: str, key: str, name: str, tags: dict[str, str]) -> str:
+    """This execution's parent: the latest of `key`, unless it finished under another execution."""
+    execution = _execution_tags()
     found = client.search_runs(
         [experiment_id],
         filter_string=f"tags.`{PIPELINE_KEY_TAG}` = '{key}' and tags.`{PARENT_TAG}` = 'pipeline'",
@@ -183,20 +234,54 @@ def _parent_run_id(client: MlflowClient, experiment_id: str, key: str, tags: dic
         order_by=["attributes.start_time DESC"],
     )
     if found:
-        return found[0].info.run_id
-    run_name = os.environ.get("DVC_EXP_NAME") or f"pipeline {key[:21]}"
+        parent = found[0]
+        same_execution = bool(execution) and parent.data.tags.get(EXECUTION_TAG) == execution[EXECUTION_TAG]
+        if parent.info.status != "FINISHED" or same_execution:
+            if parent.info.status != "RUNNING":
+                client.update_run(parent.info.run_id, status="RUNNING")
+            for tag, value in execution.items():
+                client.set_tag(parent.info.run_id, tag, value)
+            return parent.info.run_id
     run = client.create_run(
-        experiment_id,
-        run_name=run_name,
-        tags={PIPELINE_KEY_TAG: key, PARENT_TAG: "pipeline", **tags},
+        experiment_id, run_name=name, tags={PIPELINE_KEY_TAG: key, PARENT_TAG: "pipeline", **tags, **execution}
     )
     return run.info.run_id
 
 
-def _log_params(params: dict[str, Any]) -> None:
+def log_to_pipeline(metrics: dict[str, float], run: Any = None) -> None:
+    """Log `metrics` on the pipeline's parent run of the active (or given) stage run: what people
+    compare across executions sits on the parent, one row per execution in the runs table."""
+    from mlflow.entities import Metric
+
+    run = run or mlflow.active_run()
+    parent_id = run.data.tags.get("mlflow.parentRunId") if run is not None else None
+    if not parent_id or not metrics:
+        return
+    now = int(time.time() * 1000)
+    batch = [Metric(key, float(value), now, 0) for key, value in metrics.items()]
+    client = MlflowClient()
+    for start in range(0, len(batch), 1000):  # MLflow's log_batch takes up to 1000 metrics
+        client.log_batch(parent_id, metrics=batch[start : start + 1000])
+
+
+def describe_run(run_id: str, text: str) -> None:
+    """Set a run's description (the MLflow UI's "Description" box)."""
+    MlflowClient().set_tag(run_id, DESCRIPTION_TAG, text)
+
+
+def _log_params(params: dict[str, Any], client: MlflowClient | None = None, run_id: str | None = None) -> None:
+    """`params` flattened (`train.epochs`) on the active run, or on `run_id` through `client`."""
+    from mlflow.entities import Param
+
     flat = {key: str(value)[:6000] for key, value in flatten(params).items()}
-    if flat:
+    if not flat:
+        return
+    if client is None:
         mlflow.log_params(flat)
+        return
+    batch = [Param(key, value) for key, value in flat.items()]
+    for start in range(0, len(batch), 100):  # MLflow's log_batch takes up to 100 params
+        client.log_batch(run_id, params=batch[start : start + 100])
 
 
 @contextlib.contextmanager
@@ -230,10 +315,11 @@ def stage_run(
     }
     client = MlflowClient()
     close_dead_runs(client, experiment_id)
-    parent_id = _parent_run_id(client, experiment_id, key, common_tags)
+    parent_tags = common_tags | _source_tags(everything)
+    parent_id = _parent_run_id(client, experiment_id, key, pipeline_run_name(commit, everything), parent_tags)
     if all_params is not None and not client.get_run(parent_id).data.params:
-        with mlflow.start_run(run_id=parent_id):
-            _log_params(all_params)
+        # through the client: `with mlflow.start_run(run_id=parent_id)` would end the parent on exit
+        _log_params(all_params, client, parent_id)
     stage_tags = {
         **common_tags,
         "DVC_STAGE": os.environ.get("DVC_STAGE", stage),
@@ -252,15 +338,29 @@ def stage_run(
     try:
         with _sigterm_as_interrupt():
             yield run
-            mlflow.log_metric("stage_seconds", time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            mlflow.log_metric("stage_seconds", seconds)
+            log_to_pipeline({f"stage_seconds.{stage}": seconds}, run)
     except KeyboardInterrupt:
         mlflow.end_run(status="KILLED")
+        client.set_terminated(parent_id, status="KILLED")
         raise
     except BaseException:
         mlflow.end_run(status="FAILED")
+        client.set_terminated(parent_id, status="FAILED")
         raise
     mlflow.end_run(status="FINISHED")
-    client.set_terminated(parent_id, status="FINISHED")
+    if stage == LAST_STAGE:
+        client.set_terminated(parent_id, status="FINISHED")
+
+
+def _source_tags(all_params: dict[str, Any]) -> dict[str, str]:
+    """Where a pipeline's numbers come from: data source and weights (the report says the same)."""
+    model = all_params.get("model", {})
+    return {
+        "data_source": str(all_params.get("data", {}).get("source", "")),
+        "weights": str(model.get("weights") or f"scratch ({model.get('preset', '')})"),
+    }
 
 
 def _run_exists(client: MlflowClient, run_id: str) -> bool:

@@ -20,6 +20,7 @@ CONVERSION_METRICS = "metrics/conversion.json"
 SPLIT_METRICS = "metrics/split.json"
 TRAIN_METRICS = "metrics/train.json"
 EVAL_METRICS = "metrics/eval.json"
+HEADLINE_METRICS = "metrics/headline.json"  # evaluate: the one DVC metrics file (contracts.headline)
 
 TRAIN_HISTORY = "plots/train_history.csv"
 EVAL_PER_IMAGE = "plots/eval_per_image.csv"
