@@ -51,10 +51,8 @@ recipe=(
   -S cpu_numerics=native
 )
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$threads}"
-# The stages of a --temp experiment must import the code of their copy (.dvc/tmp/exps/...), not the
-# editable install's checkout: code edited here while the experiment runs would otherwise reach its
-# later stages (it did: a refactor mid-run broke an experiment's evaluate stage).
-export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
+# The stages of the --temp experiment import the code of their copy (.dvc/tmp/exps/...): dvc.yaml's
+# commands set PYTHONPATH=src, so code edited here while it runs does not reach it.
 
 started=$(date +%s)
 echo "run_real: dvc exp run --temp --force -n $name ${recipe[*]} $*"

@@ -87,3 +87,10 @@ def test_every_pipeline_path_is_declared_by_dvc_yaml_and_every_declared_output_i
     not_outputs = {paths.ACTIVATION_CACHE, paths.TRAIN_WORK_DIR}  # work folders DVC must neither hash nor delete
     produced = contract - not_outputs - {paths.BEST_CHECKPOINT, paths.REPORT, paths.SOURCE_RECORD}
     assert produced <= declared, f"contracts.paths not declared as outputs in dvc.yaml: {sorted(produced - declared)}"
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_stage_imports_the_code_of_the_checkout_it_runs_in(stage):
+    """Under `dvc exp run --temp` and queue workers the checkout is a copy in .dvc/tmp/exps/: its own
+    src/ must come first, not the editable install's (the workspace, edits in progress included)."""
+    assert STAGES[stage]["cmd"] == f"PYTHONPATH=src python stages/{stage}.py"
