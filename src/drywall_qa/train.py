@@ -313,16 +313,11 @@ def train(
     work_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train on the manifest's train split, validate on val each epoch, return the summary also
-    written to `metrics_path`.
-
-    `work_dir` (default `output_dir`) holds `best/` and `last/` while training; a distinct
-    `output_dir` then gets only the published `best/`.
-
-    `cache_dir`: where the activation cache keeps its files (frozen backbone and
-    `cache_activations` only); None keeps it in memory. `on_epoch` gets each history row (the
-    stage logs it to MLflow). Resumes from `work_dir/last/` when its fingerprint matches.
-    `tracking_run_id` (the stage's MLflow run) is saved in the checkpoints, so a resumed run can
-    continue the same MLflow run (`resumable_run_id`).
+    written to `metrics_path`. `work_dir` (default `output_dir`) holds `best/` and `last/` while
+    training; a distinct `output_dir` gets only the published `best/`. Resumes from `work_dir/last/`
+    when its fingerprint matches; `tracking_run_id` (the stage's MLflow run) is saved there, so a
+    resumed run continues that run (`resumable_run_id`). `cache_dir`: the activation cache's files
+    (frozen backbone only; None: in memory). `on_epoch` gets each history row.
     """
     started = time.perf_counter()
     output_dir, metrics_path, history_path = Path(output_dir), Path(metrics_path), Path(history_path)
