@@ -216,3 +216,19 @@ def test_a_parent_whose_dvc_process_died_is_closed_from_its_stages(store, monkey
         pass  # any next stage start closes it: every stage of it finished, so FINISHED
     by_seed = {r.data.params["seed"]: r.info.status for r in _parents(store)}
     assert by_seed == {"1": "FINISHED", "2": "RUNNING"}
+
+
+def test_a_stage_run_is_described_by_what_the_stage_reports(store, monkeypatch, capsys):
+    from drywall_qa.stage import run_stage
+
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+    def body(stage):
+        with stage.tracked():
+            pass
+        return "split: cracks: train 7, val 2, test 1 images"
+
+    assert run_stage("split", body, params_path=repo / "params.yaml", dvc_yaml=repo / "dvc.yaml") == 0
+    (child,) = [r for r in _runs(store) if r.info.run_name == "split"]
+    assert child.data.tags[tracking.DESCRIPTION_TAG] == "split: cracks: train 7, val 2, test 1 images"
+    assert "split: cracks" in capsys.readouterr().out
