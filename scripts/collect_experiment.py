@@ -47,7 +47,7 @@ GIT_FILES = {  # path in the experiment commit -> file name in --out
     "plots/eval_per_prompt.csv": "eval_per_prompt.csv",
     "plots/train_history.csv": "train_history.csv",
 }
-STAGES = ("download", "convert", "split", "train", "evaluate", "visualize", "report")
+STAGES = ("download", "convert", "split", "train", "evaluate", "register", "visualize", "report")
 FIGURE_LINK = re.compile(r"\]\(\.\./plots/figures/([^)\s]+)\)")
 
 

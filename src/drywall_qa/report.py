@@ -194,6 +194,12 @@ def approach_section(inputs: ReportInputs, params: dict) -> str:
             [
                 ("weights", describe_weights(_need(inputs.train, "weights_init", "metrics/train.json"))),
                 ("architecture preset (scratch only)", f"`{model['preset']}`"),
+                (
+                    "patch embedding (scratch only)",
+                    f"convolutional stem, 3x3 stride-2 layers of {model['conv_stem']} channels"
+                    if model.get("conv_stem")
+                    else "ViT's patchify convolution",
+                ),
                 ("input size", f"{model['image_size']} x {model['image_size']}"),
                 ("training images", describe_training_geometry(params)),
                 ("masks made by", describe_inference(params)),
