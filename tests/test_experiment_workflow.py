@@ -37,9 +37,5 @@ def test_an_experiment_can_be_applied_and_the_default_restored(clone):
     run(["git", "checkout", "--", "."], clone)
     run(["dvc", "checkout"], clone)
     assert model_hash(clone) == committed and (clone / "models" / "clipseg" / "best" / "model.safetensors").is_file()
-    # reports/ is neither in git nor in the cache (cache: false): the report stage alone runs again
-    rerun = run(["dvc", "repro"], clone).stdout
-    assert "Running stage 'report'" in rerun and "Running stage 'train'" not in rerun, rerun
-    assert model_hash(clone) == committed
     status = run(["dvc", "status"], clone).stdout
     assert "up to date" in status, status
