@@ -75,3 +75,31 @@ def model_hash(root: Path) -> str:
     lock = YAML(typ="safe").load((root / "dvc.lock").read_text())
     (out,) = [o for o in lock["stages"]["train"]["outs"] if o["path"] == "models/clipseg"]
     return out["md5"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_serving(process: subprocess.Popen, url: str, timeout: float) -> None:
+    """Poll `url` until it answers 200; fail the test (with the server's output) if `process` exits first."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            output = process.stdout.read().decode()[-3000:] if process.stdout else ""
+            pytest.fail(f"{url} did not come up:\n{output}")
+        time.sleep(1)

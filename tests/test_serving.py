@@ -5,10 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -17,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from small_repo import free_port, wait_until_serving
 
 from drywall_qa.cli import main as cli_main
 from drywall_qa.contracts.masks import binarize
@@ -26,12 +25,6 @@ from drywall_qa.registry import CHAMPION_ALIAS, register_checkpoint
 
 PROMPTS = ["segment crack", "segment taping area"]
 NAME = "drywall-served"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def post(url: str, body: dict) -> tuple[int, dict]:
@@ -74,18 +67,7 @@ def served(tmp_path, monkeypatch):
         stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"{base}/ping", timeout=5) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            pytest.fail(f"mlflow models serve did not come up:\n{server.stdout.read().decode()[-3000:]}")
-        time.sleep(1)
+    wait_until_serving(server, f"{base}/ping", timeout=180)
     yield base, image, {p: binarize(prob, chosen[p]) for p, prob in zip(PROMPTS, probs, strict=True)}, probs
     server.terminate()
     server.wait(timeout=30)

@@ -4,24 +4,16 @@ the pipeline logs to, a DVC remote that a teammate pulls from, and a queued swee
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
-from small_repo import make_small_repo, model_hash, run
+from small_repo import free_port, make_small_repo, model_hash, run, wait_until_serving
 
 SECRET = "rf-secret-key-must-not-travel"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +29,7 @@ def server(tmp_path_factory):
         stderr=subprocess.DEVNULL,
     )
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail("mlflow server did not start")
-            time.sleep(1)
+    wait_until_serving(process, f"{uri}/health", timeout=120)
     yield uri, root / "artifacts"
     process.terminate()
     process.wait(timeout=30)
