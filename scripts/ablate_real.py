@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import json
 import tempfile
 import time
@@ -21,11 +22,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
 from ruamel.yaml import YAML
 
 from drywall_qa.contracts.atomic import write_json_atomic, write_text_atomic
+from drywall_qa.contracts.masks import snap_to_boxes
 from drywall_qa.params import load_params
 
 
@@ -40,15 +40,6 @@ def set_dotted(params: dict[str, Any], key: str, value: Any) -> None:
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     name, _, overrides = text.partition("=")
     return name, (json.loads(overrides) if overrides else {})
-
-
-def snap_to_boxes(mask: np.ndarray) -> np.ndarray:
-    """Each connected component replaced by its bounding rectangle (taping ground truth is boxes)."""
-    count, _, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    snapped = np.zeros_like(mask, dtype=bool)
-    for x, y, w, h, _ in stats[1:count]:
-        snapped[y : y + h, x : x + w] = True
-    return snapped
 
 
 def val_scores(
@@ -106,6 +97,19 @@ def full_run_record(name: str, folder: Path, prompts: dict[str, list[str]]) -> d
         values = [evaluation[f"val.{prompt_slug(p)}.miou"] for p in dataset_prompts]
         record[f"val.{dataset}.miou"] = round(sum(values) / len(values), 4)
     record["val.all.miou"] = round(evaluation["val.miou"], 4)
+    sweep_file = folder / "threshold_sweep.csv"
+    boxed = [p for ps in prompts.values() for p in ps if evaluation.get(f"boxes.{prompt_slug(p)}") == 1]
+    if boxed and sweep_file.is_file():
+        # the same run without snapping: each prompt's best unsnapped threshold on val (the sweep table)
+        best: dict[str, float] = {}
+        with open(sweep_file, newline="") as handle:
+            for row in csv.DictReader(handle):
+                best[row["prompt"]] = max(best.get(row["prompt"], 0.0), float(row["val_miou"]))
+        for dataset, dataset_prompts in prompts.items():
+            if any(p in boxed for p in dataset_prompts):
+                values = [best[p] for p in dataset_prompts]
+                record[f"val.{dataset}.miou_unsnapped"] = round(sum(values) / len(values), 4)
+    record["boxed"] = boxed
     return record
 
 
@@ -188,14 +192,22 @@ def markdown(document: dict[str, Any]) -> str:
             "The complete pipeline (`scripts/run_real.sh` and its native-scale variant), val mIoU at the",
             "thresholds evaluation chose on val. This is what decided the recipe of `run_real.sh`.",
             "",
-            "| run | inference | epochs | train s | val mIoU cracks | val mIoU taping | val mIoU all |",
-            "|---|---|---|---|---|---|---|",
+            "| run | inference | epochs | train s | val mIoU cracks | val mIoU taping | val mIoU all | snapped to boxes (val-chosen) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for run in document["full_runs"]:
+            unsnapped = [
+                f"{dataset} without: {run[key]}"
+                for dataset in ("cracks", "taping")
+                if (key := f"val.{dataset}.miou_unsnapped") in run
+            ]
+            snapping = ", ".join(f"`{p}`" for p in run.get("boxed", [])) or "none"
+            if unsnapped:
+                snapping += f" ({'; '.join(unsnapped)})"
             lines.append(
                 f"| {run['name']} (`{run['folder']}`) | {run['inference_mode']} | {run['epochs_run']} "
                 f"| {run['train_seconds']:.0f} | {run['val.cracks.miou']} | {run['val.taping.miou']} "
-                f"| {run['val.all.miou']} |"
+                f"| {run['val.all.miou']} | {snapping if 'boxed' in run else 'not tried'} |"
             )
     for record in document.get("scored", []):
         lines += [

@@ -46,6 +46,7 @@ GIT_FILES = {  # path in the experiment commit -> file name in --out
     "metrics/eval.json": "eval.json",
     "plots/eval_per_prompt.csv": "eval_per_prompt.csv",
     "plots/train_history.csv": "train_history.csv",
+    "plots/threshold_sweep.csv": "threshold_sweep.csv",  # val mIoU per threshold, unsnapped (the ablation reads it)
 }
 STAGES = ("download", "convert", "split", "train", "evaluate", "register", "visualize", "report")
 FIGURE_LINK = re.compile(r"\]\(\.\./plots/figures/([^)\s]+)\)")

@@ -27,6 +27,9 @@ out="${REAL_OUT_DIR:-metrics/real}"
 # Run it with
 #   bash scripts/run_real.sh -S inference.mode=whole -S inference.scale=0.75 -S model.image_size=224 \
 #        -S 'train.crop_scale_jitter=[0.7,1.4]' -S train.crop_foreground_prob=0.7 -S train.epochs=20
+# Evaluation chooses per prompt on val its threshold and whether predicted components snap to their
+# bounding boxes (params.yaml `evaluate.box_snapping`; the taping ground truth is boxes): on the conv-stem
+# checkpoint's val, snapping lifted taping 0.400 -> 0.410 at threshold 0.5 (metrics/real/ablation.md).
 # lr 5e-4 with BCE + Dice 1:1 (probed on val: lr 1e-3 with Dice x2 stalled at a flat loss).
 # Two torch threads (TRAIN_THREADS), for training and (OMP_NUM_THREADS) evaluation: alone on a 2-core
 # machine they run 1.4x faster than one; on a busy machine set TRAIN_THREADS=1 (two threads then

@@ -49,6 +49,7 @@ def evaluate(stage: Stage) -> str:
     lines = [f"evaluate: test mIoU {m['test.miou']:.4f}, Dice {m['test.dice']:.4f} on {m['test.pairs']} pairs"]
     lines += [
         f"evaluate:   {row['prompt']!r}: mIoU {row['test_miou']:.4f} at threshold {row['threshold']}"
+        + (" snapped to boxes" if row["prompt"] in result.boxed else "")
         for row in result.per_prompt
     ]
     if "zero_shot.test.miou" in m:

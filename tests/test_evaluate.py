@@ -204,8 +204,40 @@ def test_outputs_are_flat_json_and_tables(dataset, tmp_path):
 
 def test_flat_val_curve_picks_the_threshold_closest_to_0_5():
     nothing_found = [[Counts(0, 0, 5, 10)] * 3]  # one pair, same counts at every threshold
-    chosen, _ = choose_thresholds({"p": nothing_found}, [0.3, 0.5, 0.7])
+    chosen, boxed, _ = choose_thresholds({("p", False): nothing_found, ("p", True): nothing_found}, [0.3, 0.5, 0.7])
     assert chosen == {"p": 0.5}
+    assert boxed == frozenset()  # a tie keeps the masks as predicted
+
+
+def checkerboard_in(mask):
+    """Every other pixel of `mask`: one 8-connected component whose bounding box is the mask's box."""
+    rows, cols = np.indices(mask.shape)
+    return mask & ((rows + cols) % 2 == 0)
+
+
+def test_val_decides_per_prompt_whether_components_snap_to_boxes(dataset):
+    root, manifest, model, gts = dataset
+    for image_id, colour in (("t_val", 20), ("t_test", 21)):
+        for prompt in PROMPTS["taping"]:  # half the box found, scattered over all of it
+            model.probs[(colour, prompt)] = np.where(checkerboard_in(gts[image_id]), 0.9, 0.05).astype(np.float32)
+
+    plain = evaluate_predictions(model, *manifest, ALL_PROMPTS, THRESHOLDS, None)
+    assert plain.boxed == frozenset()
+    assert plain.metrics["boxes.segment_taping_area"] == 0
+    assert plain.metrics["test.taping.miou"] == pytest.approx(0.5)
+
+    snapped = evaluate_predictions(model, *manifest, ALL_PROMPTS, THRESHOLDS, root / "pred", box_snapping=True)
+    # taping gains on val (IoU 0.5 -> 1); the crack prompt's band is already a box: a tie stays unsnapped
+    assert snapped.boxed == {"segment taping area", "segment joint/tape"}
+    assert snapped.metrics["boxes.segment_taping_area"] == 1
+    assert snapped.metrics["boxes.segment_crack"] == 0
+    assert snapped.metrics["val.segment_taping_area.miou"] == pytest.approx(1.0)
+    assert snapped.metrics["test.taping.miou"] == pytest.approx(1.0)
+    assert snapped.metrics["test.segment_crack.miou"] == plain.metrics["test.segment_crack.miou"]
+    written = np.asarray(Image.open(root / "pred" / "taping" / mask_file_name("t_test", "segment taping area")))
+    np.testing.assert_array_equal(written == 255, gts["t_test"])
+    # the threshold curve (the plot) stays the unsnapped one: one row per prompt and threshold
+    assert len(snapped.sweep) == len(ALL_PROMPTS) * len(THRESHOLDS)
 
 
 def test_missing_mask_is_named(dataset):

@@ -60,13 +60,20 @@ def test_the_champion_carries_the_val_chosen_thresholds_into_the_pyfunc_and_pred
     chosen = {
         prompt: round(float(np.quantile(p, q)), 4) for prompt, p, q in zip(PROMPTS, probs, (0.3, 0.8), strict=True)
     }
-    expected = {prompt: binarize(p, chosen[prompt]) for prompt, p in zip(PROMPTS, probs, strict=True)}
+    # val chose to snap the taping prompt's components to boxes
+    expected = {
+        prompt: binarize(p, chosen[prompt], boxes=prompt == PROMPTS[1])
+        for prompt, p in zip(PROMPTS, probs, strict=True)
+    }
     assert any((expected[p] != binarize(probs[i], 0.5)).any() for i, p in enumerate(PROMPTS))
+    assert (expected[PROMPTS[1]] != binarize(probs[1], chosen[PROMPTS[1]])).any()
     metrics = {
         "test.miou": 0.4,
         "test.segment_crack.miou": 0.3,
         "threshold.segment_crack": chosen[PROMPTS[0]],
         "threshold.segment_taping_area": chosen[PROMPTS[1]],
+        "boxes.segment_crack": 0,
+        "boxes.segment_taping_area": 1,
     }
 
     registration = register(folder, metrics, {}, store)  # no baseline yet: a first run passes
@@ -75,6 +82,8 @@ def test_the_champion_carries_the_val_chosen_thresholds_into_the_pyfunc_and_pred
     version = client.get_model_version_by_alias(NAME, CHAMPION_ALIAS)
     assert str(version.version) == registration.version
     assert version.tags["threshold.segment_crack"] == f"{chosen[PROMPTS[0]]:g}" and version.tags["gate"] == "passed"
+    assert version.tags["boxes.segment_taping_area"] == "true" and "boxes.segment_crack" not in version.tags
+    assert "'segment taping area'" in version.description and "snapped to boxes" in version.description
     assert "test.miou 0.4000" in version.description and "e1" in version.description
 
     served = mlflow.pyfunc.load_model(f"models:/{NAME}@{CHAMPION_ALIAS}")

@@ -30,6 +30,8 @@ from drywall_qa.contracts.thresholds import (
     DEFAULT_THRESHOLD,
     THRESHOLDS_FILE,
     eval_key,
+    read_boxed,
+    read_eval_boxed,
     read_eval_thresholds,
     read_thresholds,
 )
@@ -116,10 +118,21 @@ def collect_images(inputs: Sequence[str]) -> list[Path]:
     return list(by_id.values())
 
 
-def model_thresholds(model_root: Path) -> dict[str, float]:
-    """The val-chosen thresholds a logged MLflow model carries (its `thresholds.json`), if any."""
+def model_thresholds(model_root: Path) -> tuple[dict[str, float], frozenset[str]]:
+    """The val-chosen thresholds and snapped prompts a logged MLflow model carries (its
+    `thresholds.json`), if any."""
     found = sorted(model_root.rglob(THRESHOLDS_FILE), key=lambda p: len(p.parts))
-    return read_thresholds(found[0]) if found else {}
+    return (read_thresholds(found[0]), read_boxed(found[0])) if found else ({}, frozenset())
+
+
+def boxed_for(
+    prompts: Sequence[str], thresholds_from: str | None, carried: frozenset[str] = frozenset()
+) -> frozenset[str]:
+    """The prompts snapped to boxes: those `--thresholds-from` (an eval.json) records, else those the
+    model carries. `--threshold` does not change it."""
+    if thresholds_from:
+        return read_eval_boxed(thresholds_from, prompts)
+    return frozenset(carried) & set(prompts)
 
 
 def thresholds_for(
@@ -176,6 +189,7 @@ def predict_to_folder(
     out_dir: Path,
     device: str | None = None,
     batch_size: int = 8,
+    boxed: frozenset[str] = frozenset(),
 ) -> PredictSummary:
     """Masks of every readable image for every prompt; images go to the model `batch_size` at a
     time, each image through the vision encoder once for all prompts."""
@@ -200,9 +214,8 @@ def predict_to_folder(
             )
             for (path, _), image_probs in zip(batch, probs, strict=True):
                 for prompt, prob in zip(prompts, image_probs, strict=True):
-                    write_mask(
-                        out_dir / mask_file_name(image_id_of(path.name), prompt), binarize(prob, thresholds[prompt])
-                    )
+                    mask = binarize(prob, thresholds[prompt], boxes=prompt in boxed)
+                    write_mask(out_dir / mask_file_name(image_id_of(path.name), prompt), mask)
                     summary.masks += 1
                 summary.images += 1
         progress.update(len(paths[start : start + batch_size]))
@@ -218,8 +231,11 @@ def predict_command(args: argparse.Namespace) -> int:
     # a downloaded MLflow model lives in a temporary folder for as long as it is used (weights may be mmapped)
     with tempfile.TemporaryDirectory(prefix="drywall-qa-model-") as download_dir:
         model_dir = resolve_model_dir(args.model, Path(download_dir))
-        carried = model_thresholds(Path(download_dir)) if is_mlflow_uri(args.model) else {}
+        carried, carried_boxed = (
+            model_thresholds(Path(download_dir)) if is_mlflow_uri(args.model) else ({}, frozenset())
+        )
         thresholds = thresholds_for(prompts, args.threshold, args.thresholds_from, carried)
+        boxed = boxed_for(prompts, args.thresholds_from, carried_boxed)
         from drywall_qa.model import load_model
 
         try:
@@ -227,9 +243,9 @@ def predict_command(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as error:
             raise CliError(f"cannot load the model in {model_dir}: {' '.join(str(error).split())[:300]}") from None
         summary = predict_to_folder(
-            model, processor, paths, prompts, thresholds, Path(args.out), args.device, args.batch_size
+            model, processor, paths, prompts, thresholds, Path(args.out), args.device, args.batch_size, boxed
         )
-    shown = ", ".join(f"{p!r} at {t:g}" for p, t in thresholds.items())
+    shown = ", ".join(f"{p!r} at {t:g}" + (" snapped to boxes" if p in boxed else "") for p, t in thresholds.items())
     print(f"drywall-qa: wrote {summary.masks} masks for {summary.images} images to {args.out} ({shown})")
     if summary.skipped:
         print(
@@ -263,9 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--thresholds-from",
         metavar="EVAL_JSON",
-        help="take each prompt's threshold from `threshold.<prompt_slug>` of this metrics/eval.json "
-        "(default without either option: the val-chosen thresholds a registered MLflow model "
-        f"carries, else {DEFAULT_THRESHOLD})",
+        help="take each prompt's threshold and box snapping from `threshold.<prompt_slug>` and "
+        "`boxes.<prompt_slug>` of this metrics/eval.json (default: the val-chosen rules a registered "
+        f"MLflow model carries, else {DEFAULT_THRESHOLD} unsnapped; --threshold replaces the threshold only)",
     )
     predict.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
     predict.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")

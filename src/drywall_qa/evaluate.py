@@ -14,7 +14,7 @@ import functools
 import os
 import shutil
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from drywall_qa.contracts.atomic import replace_dir, write_csv_atomic, write_jso
 from drywall_qa.contracts.manifest import ImageRecord, image_records, prompt_order, read_manifest
 from drywall_qa.contracts.masks import binarize, read_mask, write_mask
 from drywall_qa.contracts.naming import mask_file_name, prompt_slug
+from drywall_qa.contracts.thresholds import boxes_key, eval_key
 from drywall_qa.errors import DrywallQAError
 from drywall_qa.metrics import Counts, confusion_counts, dice, iou, precision, recall, summarize, threshold_counts
 from drywall_qa.runtime import device_name, folder_bytes, measure_runtime, peak_rss_bytes
@@ -100,53 +101,63 @@ def predict_images(
 # ---------------------------------------------------------------- thresholds on val
 
 
+Sweep = dict[tuple[str, bool], list[list[Counts]]]  # (prompt, snapped to boxes) -> per pair, counts per threshold
+
+
 def sweep_thresholds(
     predict_fn: PredictFn,
     images: Sequence[ImageRecord],
     thresholds: Sequence[float],
     chunk_size: int = 8,
-) -> dict[str, list[list[Counts]]]:
-    """For every prompt: per (image, prompt) pair, the pixel counts at each threshold."""
-    counts: dict[str, list[list[Counts]]] = defaultdict(list)
+    box_snapping: bool = False,
+) -> Sweep:
+    """For every prompt (and, with `box_snapping`, every prompt snapped to boxes): per (image, prompt)
+    pair, the pixel counts at each threshold."""
+    counts: Sweep = defaultdict(list)
     for image, prompts, probs in predict_images(predict_fn, images, lambda i: list(i.prompts), chunk_size):
         for prompt, prob in zip(prompts, probs, strict=True):
             gt = read_mask(image.mask_paths[prompt], (image.width, image.height))
-            counts[prompt].append(threshold_counts(prob, gt, thresholds))
+            counts[(prompt, False)].append(threshold_counts(prob, gt, thresholds))
+            if box_snapping:
+                counts[(prompt, True)].append([confusion_counts(binarize(prob, t, boxes=True), gt) for t in thresholds])
     return dict(counts)
 
 
-def choose_thresholds(
-    sweep: dict[str, list[list[Counts]]], thresholds: Sequence[float]
-) -> tuple[dict[str, float], list[dict]]:
-    """Per prompt, the threshold with the highest val mIoU, and the sweep table.
+def choose_thresholds(sweep: Sweep, thresholds: Sequence[float]) -> tuple[dict[str, float], frozenset[str], list[dict]]:
+    """Per prompt, the rule (threshold, snapped or not) with the highest val mIoU, the prompts snapped,
+    and the sweep table of the unsnapped thresholds.
 
-    Ties go to the threshold closest to 0.5, then the lower one, so a flat curve (e.g. a model that
-    predicts nothing at any threshold) gives the neutral choice.
+    Ties go to unsnapped, then to the threshold closest to 0.5, then the lower one, so a flat curve
+    (e.g. a model that predicts nothing at any threshold) gives the neutral choice.
     """
     if not thresholds:
         raise EvaluationError("evaluate.thresholds is empty")
-    chosen: dict[str, float] = {}
+    best: dict[str, tuple[tuple, float, bool]] = {}
     rows: list[dict] = []
-    for prompt in sorted(sweep):
-        pairs = sweep[prompt]
+    for (prompt, boxes), pairs in sorted(sweep.items()):
         if not pairs:
             raise EvaluationError(f"no val pairs for prompt {prompt!r}: cannot choose its threshold")
-        scores = []
         for index, threshold in enumerate(thresholds):
             per_pair = [pair[index] for pair in pairs]
-            total = sum(per_pair, Counts(0, 0, 0, 0))
-            row = {
-                "prompt": prompt,
-                "threshold": float(threshold),
-                "val_miou": float(np.mean([iou(c) for c in per_pair])),
-                "val_dice": float(np.mean([dice(c) for c in per_pair])),
-                "precision": precision(total),
-                "recall": recall(total),
-            }
-            rows.append(row)
-            scores.append((row["val_miou"], -abs(threshold - 0.5), -threshold))
-        chosen[prompt] = float(thresholds[max(range(len(thresholds)), key=scores.__getitem__)])
-    return chosen, rows
+            miou = float(np.mean([iou(c) for c in per_pair]))
+            if not boxes:
+                total = sum(per_pair, Counts(0, 0, 0, 0))
+                rows.append(
+                    {
+                        "prompt": prompt,
+                        "threshold": float(threshold),
+                        "val_miou": miou,
+                        "val_dice": float(np.mean([dice(c) for c in per_pair])),
+                        "precision": precision(total),
+                        "recall": recall(total),
+                    }
+                )
+            score = (miou, not boxes, -abs(threshold - 0.5), -threshold)
+            if prompt not in best or score > best[prompt][0]:
+                best[prompt] = (score, float(threshold), boxes)
+    chosen = {prompt: threshold for prompt, (_, threshold, _) in best.items()}
+    boxed = frozenset(prompt for prompt, (_, _, boxes) in best.items() if boxes)
+    return chosen, boxed, rows
 
 
 # ---------------------------------------------------------------- scoring a split
@@ -165,10 +176,11 @@ def score_split(
     all_prompts: Sequence[str] = (),
     predictions_dir: str | Path | None = None,
     chunk_size: int = 8,
+    boxed: Collection[str] = (),
 ) -> SplitScores:
     """Score each image under its own prompts; also predict `all_prompts` the image does not own.
 
-    `thresholds` is one threshold or one per prompt. With `predictions_dir`, every binarised
+    `thresholds` is one threshold or one per prompt; the prompts in `boxed` are snapped to boxes. With `predictions_dir`, every binarised
     prediction (own and other prompts) is written there as `<dataset>/<image_id>__<prompt_slug>.png`.
     """
     threshold_of = (lambda p: thresholds[p]) if isinstance(thresholds, dict) else (lambda p: float(thresholds))
@@ -181,7 +193,7 @@ def score_split(
     for image, prompts, probs in predict_images(predict_fn, images, prompts_of, chunk_size):
         for prompt, prob in zip(prompts, probs, strict=True):
             try:
-                pred = binarize(prob, threshold_of(prompt))
+                pred = binarize(prob, threshold_of(prompt), boxes=prompt in boxed)
             except KeyError:
                 raise EvaluationError(f"no threshold for prompt {prompt!r}") from None
             if predictions_dir is not None:
@@ -244,6 +256,7 @@ class EvaluationResult:
     per_prompt: list[dict]
     sweep: list[dict]
     thresholds: dict[str, float]
+    boxed: frozenset[str] = frozenset()  # prompts whose components are snapped to boxes
 
 
 def evaluate_predictions(
@@ -254,8 +267,10 @@ def evaluate_predictions(
     thresholds: Sequence[float],
     predictions_dir: str | Path | None,
     chunk_size: int = 8,
+    box_snapping: bool = False,
 ) -> EvaluationResult:
-    """Choose a threshold per prompt on val, score test with it, write the test predictions.
+    """Choose a mask rule per prompt on val (its threshold, and with `box_snapping` whether snapping its
+    components to boxes scores higher), score test with it, write the test predictions.
 
     Test images are also predicted under the prompts of the other datasets (their masks are
     written too; `cross_prompt.*` measures how much foreground those prompts produce).
@@ -270,14 +285,15 @@ def evaluate_predictions(
     if missing_val:
         raise EvaluationError(f"no val pairs for prompt(s) {missing_val}: cannot choose their thresholds")
 
-    sweep = sweep_thresholds(predict_fn, val, thresholds, chunk_size)
-    chosen, sweep_rows = choose_thresholds(sweep, thresholds)
-    metrics: dict[str, Any] = {f"threshold.{prompt_slug(p)}": t for p, t in chosen.items()}
-    # val only chose the thresholds: its scores at them, overall and per prompt
-    val_pairs = _val_pairs_at(sweep, chosen, thresholds)
+    sweep = sweep_thresholds(predict_fn, val, thresholds, chunk_size, box_snapping)
+    chosen, boxed, sweep_rows = choose_thresholds(sweep, thresholds)
+    metrics: dict[str, Any] = {eval_key(p): t for p, t in chosen.items()}
+    metrics |= {boxes_key(p): int(p in boxed) for p in chosen}
+    # val only chose the rules: its scores with them, overall and per prompt
+    val_pairs = _val_pairs_at(sweep, chosen, boxed, thresholds)
     metrics |= summary_metrics(val_pairs, "val", overall=("miou", "dice"), per_group=("miou",), groups=("prompt",))
 
-    test_scores = score_split(predict_fn, test, chosen, all_prompts, predictions_dir, chunk_size)
+    test_scores = score_split(predict_fn, test, chosen, all_prompts, predictions_dir, chunk_size, boxed)
     metrics |= summary_metrics(test_scores.pairs, "test")
     if test_scores.cross_prompt_fg:
         fg = np.asarray(test_scores.cross_prompt_fg)
@@ -300,7 +316,7 @@ def evaluate_predictions(
             }
         )
     per_image = [{column: pair[column] for column in PER_IMAGE_COLUMNS} for pair in test_scores.pairs]
-    return EvaluationResult(metrics, per_image, per_prompt, sweep_rows, chosen)
+    return EvaluationResult(metrics, per_image, per_prompt, sweep_rows, chosen, boxed)
 
 
 def add_zero_shot(
@@ -321,13 +337,13 @@ def add_zero_shot(
 
 
 def _val_pairs_at(
-    sweep: dict[str, list[list[Counts]]], chosen: dict[str, float], thresholds: Sequence[float]
+    sweep: Sweep, chosen: dict[str, float], boxed: Collection[str], thresholds: Sequence[float]
 ) -> list[dict]:
-    """Val pairs at each prompt's chosen threshold, in the shape `summary_metrics` reads (per prompt only)."""
+    """Val pairs with each prompt's chosen rule, in the shape `summary_metrics` reads (per prompt only)."""
     pairs = []
-    for prompt, per_pair in sweep.items():
-        index = list(thresholds).index(chosen[prompt])
-        pairs += [{"prompt": prompt, "dataset": "", "counts": counts[index]} for counts in per_pair]
+    for prompt, threshold in chosen.items():
+        index = list(thresholds).index(threshold)
+        pairs += [{"prompt": prompt, "dataset": "", "counts": c[index]} for c in sweep[(prompt, prompt in boxed)]]
     return pairs
 
 
@@ -359,6 +375,7 @@ class EvaluateSettings:
     zero_shot: bool
     timing_images: int
     seed: int
+    box_snapping: bool = False
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> EvaluateSettings:
@@ -371,6 +388,7 @@ class EvaluateSettings:
             evaluate["zero_shot"],
             evaluate["timing_images"],
             params["seed"],
+            evaluate["box_snapping"],
         )
 
 
@@ -416,7 +434,9 @@ def run_evaluation(
     staging = predictions_dir.parent / f".{predictions_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        result = evaluate_predictions(predict_fn, val, test, all_prompts, settings.thresholds, staging, batch_size)
+        result = evaluate_predictions(
+            predict_fn, val, test, all_prompts, settings.thresholds, staging, batch_size, settings.box_snapping
+        )
         # Peak memory of the trained model's evaluation, read before a second model is built.
         footprint = {
             "footprint.params": sum(p.numel() for p in model.parameters()),

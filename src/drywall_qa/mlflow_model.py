@@ -7,8 +7,9 @@ Input: a pandas DataFrame with string columns
   `mlflow models serve` any client could otherwise make the server read (and probe) its own files.
 - `prompt`: the text prompt, e.g. `segment crack`.
 Params: `threshold` (a pixel whose probability is >= it is in the mask). By default each prompt
-uses the threshold evaluation chose for it on val (the model's `thresholds.json`; 0.5 for a prompt
-it has none for).
+uses the rule evaluation chose for it on val (the model's `thresholds.json`: its threshold, and
+whether its components are snapped to their bounding boxes; 0.5 and unsnapped for a prompt it has
+none for). A `threshold` param replaces the threshold only.
 Output: a list with one mask per row, a `uint8` array `[H, W]` with values {0, 255} at the image's
 original size (the same contract as the pipeline's mask PNGs).
 
@@ -39,7 +40,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
-from drywall_qa.contracts.thresholds import DEFAULT_THRESHOLD, read_thresholds
+from drywall_qa.contracts.thresholds import DEFAULT_THRESHOLD, read_boxed, read_thresholds
 from drywall_qa.errors import DrywallQAError
 
 CHECKPOINT_ARTIFACT = "checkpoint"
@@ -101,6 +102,7 @@ class ClipSegPyfunc(mlflow.pyfunc.PythonModel):
         self.device = select_device()
         path = context.artifacts.get(THRESHOLDS_ARTIFACT)
         self.thresholds = read_thresholds(path) if path else {}
+        self.boxed = read_boxed(path) if path else frozenset()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[np.ndarray]:
         try:
@@ -129,7 +131,8 @@ class ClipSegPyfunc(mlflow.pyfunc.PythonModel):
             for row in rows:
                 prompt = str(model_input["prompt"].iloc[row])
                 threshold = float(override) if override is not None else self.thresholds.get(prompt, DEFAULT_THRESHOLD)
-                masks[row] = binarize(probs[prompts.index(prompt)], threshold).astype(np.uint8) * 255
+                mask = binarize(probs[prompts.index(prompt)], threshold, boxes=prompt in self.boxed)
+                masks[row] = mask.astype(np.uint8) * 255
         return masks
 
 

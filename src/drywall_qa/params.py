@@ -116,6 +116,7 @@ class EvaluateParams(_Section):
     batch_size: Positive
     zero_shot: bool
     timing_images: NonNegative
+    box_snapping: bool
 
 
 class VisualizeParams(_Section):

@@ -20,7 +20,13 @@ from typing import Any
 
 from drywall_qa.contracts.atomic import write_json_atomic
 from drywall_qa.contracts.naming import prompt_slug
-from drywall_qa.contracts.thresholds import THRESHOLDS_FILE, from_eval_metrics, write_thresholds
+from drywall_qa.contracts.thresholds import (
+    THRESHOLDS_FILE,
+    boxed_from_eval_metrics,
+    boxes_key,
+    from_eval_metrics,
+    write_thresholds,
+)
 from drywall_qa.gate import GateError, compare, gate
 
 CHAMPION_ALIAS = "champion"
@@ -74,7 +80,11 @@ def version_description(metrics: Mapping[str, Any], thresholds: Mapping[str, flo
     scores = ", ".join(
         f"{key} {metrics[key]:.4f}" for key in HEADLINE_KEYS if isinstance(metrics.get(key), int | float)
     )
-    chosen = ", ".join(f"{prompt!r} {value:g}" for prompt, value in thresholds.items())
+    boxed = boxed_from_eval_metrics(metrics, list(thresholds))
+    chosen = ", ".join(
+        f"{prompt!r} {value:g}" + (" (snapped to boxes)" if prompt in boxed else "")
+        for prompt, value in thresholds.items()
+    )
     where = ", ".join(f"{key} {value}" for key, value in context.items() if value)
     return f"{scores}. Val-chosen thresholds: {chosen}. {where}."
 
@@ -108,11 +118,12 @@ def register_checkpoint(
     from drywall_qa.mlflow_model import log_pyfunc_model
 
     thresholds = from_eval_metrics(metrics, prompts)
+    boxed = boxed_from_eval_metrics(metrics, prompts)
     client = mlflow.MlflowClient()
     name = logged_model_name(client, mlflow.active_run())
     with tempfile.TemporaryDirectory(prefix="drywall-qa-thresholds-") as scratch:
         thresholds_file = Path(scratch) / THRESHOLDS_FILE
-        write_thresholds(thresholds_file, thresholds)
+        write_thresholds(thresholds_file, thresholds, boxed)
         info = log_pyfunc_model(checkpoint_dir, thresholds_file, registered_model_name=registered_model_name, name=name)
     version = str(info.registered_model_version)
     passed, message = gate_result(
@@ -123,6 +134,7 @@ def register_checkpoint(
     )
     tags = {key: f"{metrics[key]:.4f}" for key in HEADLINE_KEYS if isinstance(metrics.get(key), int | float)}
     tags |= {f"threshold.{prompt_slug(p)}": f"{t:g}" for p, t in thresholds.items()}
+    tags |= {boxes_key(p): "true" for p in sorted(boxed)}
     tags |= {"gate": "passed" if passed else "failed", **{k: v for k, v in context.items() if v}}
     for key, value in tags.items():
         client.set_model_version_tag(registered_model_name, version, key, value)

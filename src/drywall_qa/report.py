@@ -416,7 +416,8 @@ def _result_rows(m: dict, params: dict) -> list[tuple]:
                 (
                     dataset,
                     f"`{prompt}`",
-                    f"{_need(m, f'threshold.{prompt_slug(prompt)}', 'metrics/eval.json'):g}",
+                    f"{_need(m, f'threshold.{prompt_slug(prompt)}', 'metrics/eval.json'):g}"
+                    + (" + boxes" if m.get(f"boxes.{prompt_slug(prompt)}") == 1 else ""),
                     _score(_need(m, f"{key}.miou", "metrics/eval.json")),
                     _score(m.get(f"{key}.dice")),
                     _score(m.get(f"{key}.iou_dataset")),
@@ -471,6 +472,9 @@ def _result_notes(inputs: ReportInputs) -> list[str]:
         "- **threshold**: the probability a pixel must reach to be foreground, chosen per prompt as the value "
         f"of `evaluate.thresholds` with the highest val mIoU (ties: closest to 0.5). Val mIoU at the chosen "
         f"thresholds: {_score(m.get('val.miou'))}.",
+        "- **+ boxes**: with `evaluate.box_snapping`, val also decides per prompt whether each predicted "
+        "component is replaced by its bounding rectangle (the taping ground truth is drawn as boxes); "
+        "`drywall-qa predict` and the registered model apply the same rule.",
     ]
     if "zero_shot.test.miou" in m:
         lines.append(

@@ -1,7 +1,9 @@
 """Mask PNGs: single-channel (mode L), values {0, 255}, the image's original size.
 
 The one reader checks all three and names the file; the one writer is atomic; `binarize` is the one
-rule that turns probabilities into a mask, used by evaluation, `drywall-qa predict` and the MLflow model.
+rule that turns probabilities into a mask, used by evaluation, `drywall-qa predict` and the MLflow model:
+a threshold, and, for prompts whose val score gains from it, each predicted component snapped to its
+bounding rectangle (the taping ground truth is drawn as boxes).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -16,9 +19,19 @@ from drywall_qa.contracts.atomic import write_bytes_atomic
 from drywall_qa.contracts.manifest import ManifestError
 
 
-def binarize(probs: np.ndarray, threshold: float) -> np.ndarray:
-    """Foreground where the probability reaches the threshold (`>=`)."""
-    return probs >= threshold
+def binarize(probs: np.ndarray, threshold: float, boxes: bool = False) -> np.ndarray:
+    """Foreground where the probability reaches the threshold (`>=`); with `boxes`, snapped to boxes."""
+    mask = probs >= threshold
+    return snap_to_boxes(mask) if boxes else mask
+
+
+def snap_to_boxes(mask: np.ndarray) -> np.ndarray:
+    """Each 8-connected foreground component replaced by its axis-aligned bounding rectangle."""
+    count, _, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    snapped = np.zeros(mask.shape, dtype=bool)
+    for x, y, width, height, _ in stats[1:count]:  # row 0 is the background
+        snapped[y : y + height, x : x + width] = True
+    return snapped
 
 
 def read_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:

@@ -1,16 +1,19 @@
-"""The val-chosen binarisation threshold of each prompt, as evaluation records it and models carry it.
+"""The val-chosen mask rule of each prompt (its threshold, and whether its components are snapped to
+boxes), as evaluation records it and models carry it.
 
-- `metrics/eval.json` holds `threshold.<prompt_slug>` (one flat key per prompt, with the other metrics);
-- a logged MLflow model carries `thresholds.json`: `{"<prompt>": <threshold>, ...}`, read by the
-  pyfunc and by `drywall-qa predict --model models:/...` as their default.
+- `metrics/eval.json` holds `threshold.<prompt_slug>` and `boxes.<prompt_slug>` (1 = snapped, 0 = not),
+  flat keys with the other metrics;
+- a logged MLflow model carries `thresholds.json`: `{"<prompt>": <threshold>, ...}`, where a snapped
+  prompt's value is `{"threshold": <threshold>, "boxes": true}`; the pyfunc and
+  `drywall-qa predict --model models:/...` read it as their default.
 
-A prompt without a recorded threshold gets `DEFAULT_THRESHOLD`.
+A prompt without a recorded threshold gets `DEFAULT_THRESHOLD`, and is not snapped.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 from drywall_qa.contracts.atomic import write_json_atomic
@@ -28,6 +31,8 @@ class ThresholdsError(DrywallQAError, ValueError):
 def _checked(source: str, thresholds: Mapping[str, object]) -> dict[str, float]:
     checked = {}
     for prompt, value in thresholds.items():
+        if isinstance(value, dict):
+            value = value.get("threshold")
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
             raise ThresholdsError(f"{source}: the threshold of {prompt!r} must be a number in [0, 1], got {value!r}")
         checked[str(prompt)] = float(value)
@@ -36,6 +41,15 @@ def _checked(source: str, thresholds: Mapping[str, object]) -> dict[str, float]:
 
 def eval_key(prompt: str) -> str:
     return f"threshold.{prompt_slug(prompt)}"
+
+
+def boxes_key(prompt: str) -> str:
+    return f"boxes.{prompt_slug(prompt)}"
+
+
+def boxed_from_eval_metrics(metrics: Mapping[str, object], prompts: Sequence[str]) -> frozenset[str]:
+    """The prompts eval.json records as snapped to boxes."""
+    return frozenset(p for p in prompts if metrics.get(boxes_key(p)) == 1)
 
 
 def from_eval_metrics(
@@ -60,8 +74,23 @@ def read_eval_thresholds(path: str | Path, prompts: Sequence[str]) -> dict[str, 
     return from_eval_metrics(metrics, prompts, str(path))
 
 
-def write_thresholds(path: str | Path, thresholds: Mapping[str, float]) -> None:
-    write_json_atomic(path, _checked(str(path), thresholds))
+def read_eval_boxed(path: str | Path, prompts: Sequence[str]) -> frozenset[str]:
+    path = Path(path)
+    metrics = _read_json(path)
+    if not isinstance(metrics, dict):
+        raise ThresholdsError(f"{path} is not a JSON object of metrics")
+    return boxed_from_eval_metrics(metrics, prompts)
+
+
+def write_thresholds(path: str | Path, thresholds: Mapping[str, float], boxed: Collection[str] = ()) -> None:
+    unknown = sorted(set(boxed) - set(thresholds))
+    if unknown:
+        raise ThresholdsError(f"{path}: prompts {unknown} are snapped to boxes but have no threshold")
+    document = {
+        prompt: {"threshold": value, "boxes": True} if prompt in boxed else value
+        for prompt, value in _checked(str(path), thresholds).items()
+    }
+    write_json_atomic(path, document)
 
 
 def read_thresholds(path: str | Path) -> dict[str, float]:
@@ -70,3 +99,19 @@ def read_thresholds(path: str | Path) -> dict[str, float]:
     if not isinstance(document, dict):
         raise ThresholdsError(f"{path} must map each prompt to its threshold")
     return _checked(str(path), document)
+
+
+def read_boxed(path: str | Path) -> frozenset[str]:
+    """The prompts a thresholds.json snaps to boxes."""
+    path = Path(path)
+    document = _read_json(path)
+    if not isinstance(document, dict):
+        raise ThresholdsError(f"{path} must map each prompt to its threshold")
+    boxed = set()
+    for prompt, value in document.items():
+        if isinstance(value, dict):
+            if not isinstance(value.get("boxes", False), bool):
+                raise ThresholdsError(f"{path}: `boxes` of {prompt!r} must be true or false, got {value['boxes']!r}")
+            if value.get("boxes", False):
+                boxed.add(str(prompt))
+    return frozenset(boxed)
