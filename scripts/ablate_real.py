@@ -109,7 +109,8 @@ def full_run_record(name: str, folder: Path, prompts: dict[str, list[str]]) -> d
             if any(p in boxed for p in dataset_prompts):
                 values = [best[p] for p in dataset_prompts]
                 record[f"val.{dataset}.miou_unsnapped"] = round(sum(values) / len(values), 4)
-    record["boxed"] = boxed
+    if any(key.startswith("boxes.") for key in evaluation):  # runs before box snapping existed did not try it
+        record["boxed"] = boxed
     return record
 
 
