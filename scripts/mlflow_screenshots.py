@@ -113,6 +113,8 @@ def main() -> int:
             page.goto(f"http://127.0.0.1:{port}/#/experiments?workflowType=machine_learning", wait_until="load")
             time.sleep(SETTLE_SECONDS)
             for name, route in routes.items():
+                # the train run has 19 charts (summary bars first, then the per-epoch curves): show them all
+                page.set_viewport_size({"width": 1600, "height": 2600 if name == "train_charts" else 1000})
                 page.goto(f"http://127.0.0.1:{port}/#{route}", wait_until="load")
                 time.sleep(SETTLE_SECONDS)
                 dismiss_popups(page)
