@@ -148,3 +148,14 @@ def test_a_queued_sweep_runs_every_point_each_with_its_own_parent(pipeline, serv
     assert names <= set(parents), (names, set(parents))
     assert {parents[name].data.params["lr"] for name in names} == {"0.0001", "0.001"}
     assert all(parents[name].info.status == "FINISHED" for name in names)
+    # what a user compares, printed for the CI log (pytest -s): the sweep in a terminal, the runs on the server
+    table = run(
+        ["dvc", "exp", "show", "--no-pager", "--drop", ".*", "--keep", r"^(Experiment|lr|test\.miou|val\.miou)$"],
+        pipeline,
+        env={**env, "COLUMNS": "120"},
+    ).stdout
+    print(f"\n{table}")
+    for parent in sorted(parents.values(), key=lambda r: r.info.start_time):
+        children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        stages = ", ".join(sorted(f"{c.info.run_name} {c.info.status}" for c in children))
+        print(f"{parent.info.run_name} | {parent.info.status} | lr {parent.data.params['lr']} | {stages}")
