@@ -22,7 +22,8 @@ out="${REAL_OUT_DIR:-metrics/real}"
 # per epoch: val mIoU 0.30 after 6 epochs, where the plain ViT needed 22), whole photos resized to
 # 224 px (14x14 tokens), 30 epochs, inference mode `resize`. 224 px replaced 192 px (val 0.383 with the
 # stem) because input resolution is what limits thin cracks (128 -> 192 px had lifted test mIoU 0.212 -> 0.260);
-# it costs ~1.36x per epoch (the 192 px run: metrics/real_stem192/).
+# it costs ~1.36x per epoch (the 192 px run: metrics/real_stem192/). 256 px went no further on val
+# (0.411 vs 0.414: cracks up 0.381 -> 0.392, taping down 0.450 -> 0.432) at 1.3x the time (metrics/real_stem256/).
 # The native-scale recipe (224 px crops of the photo at 0.75 with scale jitter, 70% foreground-seeking,
 # one whole-photo pass at 480 px) costs ~2.4x per epoch and, at 20 epochs without the stem (~60 min),
 # ended below the resized recipe on val (0.269 vs 0.316): its full run is kept in metrics/real_native/.
