@@ -18,6 +18,8 @@ SMALL = {
     ("data", "synthetic", "image_size"): 64,
     ("model", "image_size"): 32,
     ("train", "epochs"): 1,
+    # one optimizer step per epoch here: a warm-up would make it a step at lr 0, and nothing would train
+    ("train", "warmup_epochs"): 0,
     ("train", "num_threads"): 1,
     ("evaluate", "zero_shot"): False,
     ("evaluate", "timing_images"): 2,

@@ -148,6 +148,17 @@ def test_a_queued_sweep_runs_every_point_each_with_its_own_parent(pipeline, serv
     assert names <= set(parents), (names, set(parents))
     assert {parents[name].data.params["lr"] for name in names} == {"0.0001", "0.001"}
     assert all(parents[name].info.status == "FINISHED" for name in names)
+    # the swept lr reached each point's training, not just its params: after the epoch's update the
+    # val losses differ (the epoch's train loss is measured before it)
+    train_runs = {
+        name: client.search_runs(
+            [experiment.experiment_id],
+            f"tags.`mlflow.parentRunId` = '{parents[name].info.run_id}' and tags.stage = 'train'",
+        )[0]
+        for name in names
+    }
+    assert {run_.data.params["lr"] for run_ in train_runs.values()} == {"0.0001", "0.001"}
+    assert len({run_.data.metrics["val_loss"] for run_ in train_runs.values()}) == 2
     # what a user compares, printed for the CI log (pytest -s): the sweep in a terminal, the runs on the server
     table = run(
         ["dvc", "exp", "show", "--no-pager", "--drop", ".*", "--keep", r"^(Experiment|lr|test\.miou|val\.miou)$"],
@@ -158,4 +169,7 @@ def test_a_queued_sweep_runs_every_point_each_with_its_own_parent(pipeline, serv
     for parent in sorted(parents.values(), key=lambda r: r.info.start_time):
         children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
         stages = ", ".join(sorted(f"{c.info.run_name} {c.info.status}" for c in children))
-        print(f"{parent.info.run_name} | {parent.info.status} | lr {parent.data.params['lr']} | {stages}")
+        val_loss = next((c.data.metrics.get("val_loss") for c in children if c.info.run_name == "train"), None)
+        print(
+            f"{parent.info.run_name} | {parent.info.status} | lr {parent.data.params['lr']} | val loss {val_loss} | {stages}"
+        )
