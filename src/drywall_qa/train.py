@@ -253,9 +253,12 @@ def pair_scores(logits: torch.Tensor, masks: torch.Tensor, threshold: float = 0.
 
 
 def make_optimizer(
-    model: torch.nn.Module, config: TrainConfig, steps_per_epoch: int
+    model: torch.nn.Module, config: TrainConfig, steps_per_epoch: int, log: Callable[[str], None] = print
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW over the trainable parameters and the per-step LR schedule (linear warm-up first)."""
+    """AdamW over the trainable parameters and the per-step LR schedule (linear warm-up first); `log`
+    gets the warning of a warm-up that spans the whole run."""
+    if warning := warmup_warning(config, steps_per_epoch):
+        log(warning)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
@@ -264,6 +267,20 @@ def make_optimizer(
     else:
         scheduler = get_constant_schedule_with_warmup(optimizer, warmup_steps)
     return optimizer, scheduler
+
+
+def warmup_warning(config: TrainConfig, steps_per_epoch: int) -> str | None:
+    """A warning when the linear warm-up spans every optimizer step: lr then never reaches
+    `config.lr`, and a run of one step trains at lr 0 (tiny data sets with one batch per epoch)."""
+    steps = config.epochs * steps_per_epoch
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    if warmup_steps < steps:
+        return None
+    outcome = "its only step runs at lr 0" if steps == 1 else f"lr never reaches {config.lr:g}"
+    return (
+        f"train: warning: the warm-up ({warmup_steps} steps, train.warmup_epochs={config.warmup_epochs:g}) "
+        f"covers all {steps} optimizer steps, so {outcome}; lower train.warmup_epochs"
+    )
 
 
 def write_json(path: Path, value: dict[str, Any]) -> None:
@@ -338,7 +355,7 @@ def train(
     normalisation = (processor.image_processor.image_mean, processor.image_processor.image_std)
     train_set, val_set = _datasets(config, model, normalisation, prompts, train_records, val_records)
     cache = ActivationCache(model, cache_dir) if config.uses_cache else None
-    optimizer, scheduler = make_optimizer(model, config, math.ceil(len(train_set) / config.batch_size))
+    optimizer, scheduler = make_optimizer(model, config, math.ceil(len(train_set) / config.batch_size), log)
 
     run, start_epoch = _Run(history=[]), 1
     if resume_state is not None:
