@@ -487,15 +487,15 @@ def test_the_published_model_has_the_same_bytes_when_the_same_training_runs_agai
 
 def test_a_warm_up_over_every_step_is_reported():
     # one epoch of one step: the linear warm-up's only step is at lr 0, so nothing would train
-    only_step = warmup_warning(tiny_config(epochs=1, warmup_epochs=1), steps_per_epoch=1)
+    only_step = warmup_warning(tiny_config(epochs=1, warmup_epochs=1), warmup_steps=1, steps=1)
     assert only_step is not None and "its only step runs at lr 0" in only_step
     assert "train.warmup_epochs=1" in only_step
-    whole_run = warmup_warning(tiny_config(epochs=2, warmup_epochs=2), steps_per_epoch=5)
+    whole_run = warmup_warning(tiny_config(epochs=2, warmup_epochs=2), warmup_steps=10, steps=10)
     assert (
         whole_run is not None and "covers all 10 optimizer steps" in whole_run and "never reaches 0.0005" in whole_run
     )
-    assert warmup_warning(tiny_config(epochs=3, warmup_epochs=1), steps_per_epoch=5) is None
-    assert warmup_warning(tiny_config(epochs=1, warmup_epochs=0), steps_per_epoch=1) is None
+    assert warmup_warning(tiny_config(epochs=3, warmup_epochs=1), warmup_steps=5, steps=15) is None
+    assert warmup_warning(tiny_config(epochs=1, warmup_epochs=0), warmup_steps=0, steps=1) is None
 
 
 def test_training_whose_warm_up_spans_its_one_step_says_so(tmp_path):

@@ -257,23 +257,21 @@ def make_optimizer(
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """AdamW over the trainable parameters and the per-step LR schedule (linear warm-up first); `log`
     gets the warning of a warm-up that spans the whole run."""
-    if warning := warmup_warning(config, steps_per_epoch):
+    warmup_steps, steps = round(config.warmup_epochs * steps_per_epoch), config.epochs * steps_per_epoch
+    if warning := warmup_warning(config, warmup_steps, steps):
         log(warning)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
     if config.scheduler == "cosine":
-        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, config.epochs * steps_per_epoch)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, steps)
     else:
         scheduler = get_constant_schedule_with_warmup(optimizer, warmup_steps)
     return optimizer, scheduler
 
 
-def warmup_warning(config: TrainConfig, steps_per_epoch: int) -> str | None:
+def warmup_warning(config: TrainConfig, warmup_steps: int, steps: int) -> str | None:
     """A warning when the linear warm-up spans every optimizer step: lr then never reaches
     `config.lr`, and a run of one step trains at lr 0 (tiny data sets with one batch per epoch)."""
-    steps = config.epochs * steps_per_epoch
-    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
     if warmup_steps < steps:
         return None
     outcome = "its only step runs at lr 0" if steps == 1 else f"lr never reaches {config.lr:g}"
