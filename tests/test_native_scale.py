@@ -194,7 +194,13 @@ def test_native_training_saves_its_inference_setting_and_predicts_at_full_size(t
     summary = run_training(tmp_path, config)
     assert summary["epochs_run"] == 2 and 0 <= summary["best_val_miou"] <= 1
     best = tmp_path / "out" / "models" / "best"
-    assert json.loads((best / "config.json").read_text())[CONFIG_KEY] == {"mode": mode, "scale": 1.0, "overlap": 0.5}
+    assert json.loads((best / "config.json").read_text())[CONFIG_KEY] == {
+        "mode": mode,
+        "scale": 1.0,
+        "overlap": 0.5,
+        "flips": [],
+        "sizes": [],
+    }
     model, processor = load_model(best)
     assert InferenceConfig.of(model).mode == mode
     image = Image.open(tmp_path / "images" / "cracks00.png").convert("RGB")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from drywall_qa.checkpoint import HISTORY_COLUMNS, read_state, recover_checkpoints, save_checkpoint
+from drywall_qa.checkpoint import HISTORY_COLUMNS, OPTIMIZER_FILE, read_state, recover_checkpoints, save_checkpoint
 from drywall_qa.contracts.manifest import (
     MANIFEST_COLUMNS,
     ManifestError,
@@ -301,9 +301,10 @@ class Killed(Exception):
     """Stands in for SIGKILL: raised by the epoch callback after the checkpoint of epoch 2."""
 
 
-def test_a_killed_run_resumes_from_last_and_ends_like_an_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_a_killed_run_resumes_from_last_and_ends_like_an_uninterrupted_one(tmp_path, ema_decay):
     make_manifest(tmp_path)
-    config = tiny_config(epochs=3)
+    config = tiny_config(epochs=3, ema_decay=ema_decay)  # the weight average resumes too
     uninterrupted = run_training(tmp_path, config, out="a")
 
     def kill_after_epoch_2(row: dict) -> None:
@@ -503,3 +504,24 @@ def test_training_whose_warm_up_spans_its_one_step_says_so(tmp_path):
     messages: list[str] = []
     run_training(tmp_path, tiny_config(epochs=1, batch_size=64, cache_activations=False), log=messages.append)
     assert any("its only step runs at lr 0" in message for message in messages), messages
+
+
+def test_with_a_weight_average_best_holds_the_average_and_last_the_trained_weights(tmp_path):
+    """`train.ema_decay`: validation scores the moving average, so best/ must hold it (not the raw
+    weights of that epoch); last/ keeps the raw weights and the average's state for resuming."""
+    make_manifest(tmp_path)
+    config = tiny_config(epochs=1, warmup_epochs=0, ema_decay=0.5)  # one epoch: best/ is that epoch's
+    run_training(tmp_path, config)
+    models = tmp_path / "out" / "models"
+    best, _ = load_model(models / "best")
+    last, _ = load_model(models / "last")
+    saved = torch.load(models / "last" / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    average = {k.removeprefix("module."): v for k, v in saved["weight_average"].items() if k.startswith("module.")}
+    assert int(saved["weight_average"]["n_averaged"]) > 1
+    raw = last.state_dict()
+    differs = [name for name, value in average.items() if not torch.equal(value, raw[name])]
+    assert differs, "the average equals the raw weights: it was not updated as an average"
+    for name, value in best.state_dict().items():
+        torch.testing.assert_close(value, average[name])
+    with pytest.raises(TrainConfigError, match="ema_decay"):
+        tiny_config(ema_decay=1.0).validate()

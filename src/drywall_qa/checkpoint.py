@@ -100,25 +100,32 @@ def _swap_in(temp: Path, output_dir: Path, name: str) -> Path:
     return target
 
 
-def save_epoch(output_dir: Path, model, processor, state: dict[str, Any], improved: bool, optimizer, scheduler) -> None:
-    """`best/` when val improved, and always `last/` with what resuming needs."""
+def save_epoch(
+    output_dir: Path, model, processor, state: dict[str, Any], improved: bool, optimizer, scheduler, average=None
+) -> None:
+    """`best/` when val improved (the weight average's when there is one: that is what was
+    validated), and always `last/` with the trained weights and what resuming needs."""
     if improved:
-        save_checkpoint(output_dir, "best", model, processor, state)
+        save_checkpoint(output_dir, "best", model if average is None else average.module, processor, state)
     resume = {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "torch_rng": torch.get_rng_state(),
     }
+    if average is not None:
+        resume["weight_average"] = average.state_dict()
     save_checkpoint(output_dir, "last", model, processor, state, optimizer_state=resume)
 
 
-def restore_optimizer(last: Path, optimizer, scheduler) -> None:
-    """Optimizer, scheduler and torch RNG state as `save_epoch` left them in `last/`."""
+def restore_optimizer(last: Path, optimizer, scheduler, average=None) -> None:
+    """Optimizer, scheduler, torch RNG state (and the weight average) as `save_epoch` left them in `last/`."""
     # CPU: the RNG state must stay a CPU tensor; load_state_dict moves optimizer state to the params.
     saved = torch.load(last / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["torch_rng"])
+    if average is not None:
+        average.load_state_dict(saved["weight_average"])
 
 
 def read_state(checkpoint: Path) -> dict[str, Any] | None:

@@ -10,6 +10,12 @@ How a mask is made is the checkpoint's own `InferenceConfig` (saved in its `conf
   size) in one pass; HF CLIPSeg interpolates the position embeddings to the larger token grid;
 - `sliding`: the scaled photo in windows of the model's input size with `overlap`, window logits
   averaged where they overlap.
+
+Test-time views, on top of any mode: `flips` adds the photo mirrored left-right and/or top-bottom,
+and (mode `resize`) `sizes` resizes it to each listed side instead of the input size. Every view
+gets its own vision pass (shared by all prompts); the views' logits, mirrored back and resized to
+the photo, are averaged before the sigmoid. Training's per-epoch validation uses the single plain
+view, so choosing the best epoch costs no more; evaluation and serving use every view.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from drywall_qa.errors import DrywallQAError
 from drywall_qa.model import decode, encode_images, encode_prompts, pair_activations, resize_logits, tokenize_prompts
 
 INFERENCE_MODES = ("resize", "whole", "sliding")
+FLIPS = {"horizontal": -1, "vertical": -2}  # a test-time mirror view -> the tensor dim it mirrors
 CONFIG_KEY = "drywall_inference"  # the checkpoint config.json attribute that carries the setting
 
 
@@ -43,8 +50,26 @@ class InferenceConfig:
     mode: str = "resize"
     scale: float = 1.0  # whole/sliding: the photo's scale before the pass (training crops share it)
     overlap: float = 0.5  # sliding: fraction of a window shared with its neighbour
+    flips: tuple[str, ...] = ()  # extra mirrored views (FLIPS), averaged with the plain one
+    sizes: tuple[int, ...] = ()  # resize: the sides the photo is resized to, averaged; () = the input size
 
     def __post_init__(self) -> None:
+        # a config rebuilt from JSON (a checkpoint's config.json) has lists where tuples are due
+        object.__setattr__(self, "flips", tuple(self.flips))
+        object.__setattr__(self, "sizes", tuple(self.sizes))
+        unknown_flips = sorted(set(self.flips) - set(FLIPS))
+        if unknown_flips or len(set(self.flips)) != len(self.flips):
+            raise InferenceConfigError(
+                f"inference.flips takes distinct values of {sorted(FLIPS)}, got {list(self.flips)}"
+            )
+        if self.sizes and self.mode != "resize":
+            raise InferenceConfigError(
+                f"inference.sizes applies to mode resize only (mode {self.mode!r} uses inference.scale)"
+            )
+        if not all(isinstance(side, int) and 16 <= side <= 4096 for side in self.sizes):
+            raise InferenceConfigError(
+                f"inference.sizes must be whole numbers of pixels in [16, 4096], got {list(self.sizes)}"
+            )
         if self.mode not in INFERENCE_MODES:
             raise InferenceConfigError(f"inference.mode must be one of {INFERENCE_MODES}, got {self.mode!r}")
         if not 0.05 <= float(self.scale) <= 8:
@@ -63,6 +88,8 @@ class InferenceConfig:
                 mode=str(section.get("mode", "resize")),
                 scale=float(section.get("scale", 1.0)),
                 overlap=float(section.get("overlap", 0.5)),
+                flips=tuple(str(flip) for flip in section.get("flips") or ()),
+                sizes=tuple(section.get("sizes") or ()),
             )
         except (TypeError, ValueError) as error:
             if isinstance(error, InferenceConfigError):
@@ -102,10 +129,21 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def pixel_values_for(processor: CLIPSegProcessor, images: Sequence[Image.Image]) -> torch.Tensor:
-    """The processor's resized, normalised `[B, 3, S, S]` batch (images converted to RGB first)."""
+def pixel_values_for(
+    processor: CLIPSegProcessor, images: Sequence[Image.Image], side: int | None = None
+) -> torch.Tensor:
+    """The processor's resized, normalised `[B, 3, S, S]` batch (images converted to RGB first);
+    `side` overrides the processor's size S."""
     rgb = [image if image.mode == "RGB" else image.convert("RGB") for image in images]
-    return processor.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+    size = {"size": {"height": side, "width": side}} if side is not None else {}
+    return processor.image_processor(images=rgb, return_tensors="pt", **size)["pixel_values"]
+
+
+def mirrored(image: Image.Image, flip: str | None) -> Image.Image:
+    if flip is None:
+        return image
+    method = Image.Transpose.FLIP_LEFT_RIGHT if flip == "horizontal" else Image.Transpose.FLIP_TOP_BOTTOM
+    return image.transpose(method)
 
 
 def working_size(height: int, width: int, scale: float, patch: int) -> tuple[int, int]:
@@ -226,21 +264,34 @@ def predict_probs(
             conditional = encode_prompts(model, input_ids, attention_mask)
             for start in range(0, len(images), batch_size):
                 batch = list(images[start : start + batch_size])
-                if config.native:
-                    batch_logits = _native_batch_logits(model, processor, batch, conditional, config, device)
-                else:
-                    batch_logits = _resized_batch_logits(model, processor, batch, conditional, device)
-                for image, image_logits in zip(batch, batch_logits, strict=True):
-                    width, height = image.size
-                    probs = torch.sigmoid(resize_logits(image_logits.float(), (height, width)))
-                    results.append(probs.cpu().numpy().astype(np.float32, copy=False))
+                for logits in _view_averaged_logits(model, processor, batch, conditional, config, device):
+                    results.append(torch.sigmoid(logits).cpu().numpy().astype(np.float32, copy=False))
     finally:
         model.train(was_training)
     return results
 
 
-def _resized_batch_logits(model, processor, batch, conditional, device) -> list[torch.Tensor]:
-    pixel_values = pixel_values_for(processor, batch).to(device, non_blocking=True)
+def _view_averaged_logits(model, processor, batch, conditional, config, device) -> list[torch.Tensor]:
+    """Each image's `[P, H, W]` logits at its own size, averaged over the config's test-time views."""
+    totals: list[torch.Tensor | None] = [None] * len(batch)
+    views = [(flip, side) for flip in (None, *config.flips) for side in (config.sizes or (None,))]
+    for flip, side in views:
+        view = [mirrored(image, flip) for image in batch]
+        if config.native:
+            batch_logits = _native_batch_logits(model, processor, view, conditional, config, device)
+        else:
+            batch_logits = _resized_batch_logits(model, processor, view, conditional, device, side)
+        for index, (image, image_logits) in enumerate(zip(batch, batch_logits, strict=True)):
+            width, height = image.size
+            logits = resize_logits(image_logits.float(), (height, width))
+            if flip is not None:
+                logits = torch.flip(logits, dims=(FLIPS[flip],))
+            totals[index] = logits if totals[index] is None else totals[index] + logits
+    return [total / len(views) for total in totals]
+
+
+def _resized_batch_logits(model, processor, batch, conditional, device, side=None) -> list[torch.Tensor]:
+    pixel_values = pixel_values_for(processor, batch, side).to(device, non_blocking=True)
     activations = encode_images(model, pixel_values)
     n_prompts = conditional.shape[0]
     image_index = torch.arange(len(batch), device=device).repeat_interleave(n_prompts)

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import (
@@ -108,6 +109,7 @@ class TrainConfig:
     crop_scale_jitter: tuple[float, float] = (1.0, 1.0)  # native-scale training only (inference mode whole/sliding)
     crop_foreground_prob: float = 0.5
     conv_stem: tuple[int, ...] | None = None  # scratch only: the ConvStem's widths (model.conv_stem)
+    ema_decay: float = 0.0  # > 0: validate and publish an exponential moving average of the weights
     inference: InferenceConfig = field(default_factory=InferenceConfig)
 
     def __post_init__(self) -> None:
@@ -121,7 +123,7 @@ class TrainConfig:
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> TrainConfig:
         model, train = params["model"], params["train"]
-        optional = {"crop_scale_jitter", "crop_foreground_prob"}
+        optional = {"crop_scale_jitter", "crop_foreground_prob", "ema_decay"}
         names = {name for name in cls.__dataclass_fields__} - {
             "seed",
             "lr",
@@ -183,6 +185,8 @@ class TrainConfig:
             raise TrainConfigError("bce_weight and dice_weight must be >= 0 and not both 0")
         if self.early_stopping_patience < 1:
             raise TrainConfigError("train.early_stopping_patience must be >= 1")
+        if not 0 <= self.ema_decay < 1:
+            raise TrainConfigError(f"train.ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
         self.crop()
 
     @property
@@ -354,16 +358,20 @@ def train(
     train_set, val_set = _datasets(config, model, normalisation, prompts, train_records, val_records)
     cache = ActivationCache(model, cache_dir) if config.uses_cache else None
     optimizer, scheduler = make_optimizer(model, config, math.ceil(len(train_set) / config.batch_size), log)
+    average = weight_average(model, config.ema_decay)
 
     run, start_epoch = _Run(history=[]), 1
     if resume_state is not None:
-        restore_optimizer(work / "last", optimizer, scheduler)
+        restore_optimizer(work / "last", optimizer, scheduler, average)
         run, start_epoch = _Run(**resume_state["run"]), resume_state["epoch"] + 1
         log(f"train: resuming from last/ after epoch {resume_state['epoch']} (config fingerprint matches)")
 
+    forward = PairForward(model, processor, train_set.prompt_list, device_, cache)
     epoch_runner = _EpochRunner(
         config,
-        PairForward(model, processor, train_set.prompt_list, device_, cache),
+        forward,
+        PairForward(average.module, processor, train_set.prompt_list, device_, cache) if average else forward,
+        average,
         train_set,
         val_set,
         optimizer,
@@ -377,7 +385,7 @@ def train(
         state = _resume_record(
             config, epoch, stop or epoch == config.epochs, fingerprint, train_set.prompt_list, run, tracking_run_id
         )
-        save_epoch(work, model, processor, state, improved, optimizer, scheduler)
+        save_epoch(work, model, processor, state, improved, optimizer, scheduler, average)
         write_history(history_path, run.history)
         log(_epoch_line(row, val))
         if on_epoch is not None:
@@ -441,12 +449,23 @@ def _initial_model(
     return model, processor
 
 
+def weight_average(model: torch.nn.Module, decay: float) -> AveragedModel | None:
+    """With `decay` > 0, an exponential moving average of the model's weights and buffers (updated
+    after every optimizer step), else None. From scratch on ~1,500 photos, val mIoU swings by +-0.02
+    from epoch to epoch at one lr; the average is what validation scores and `best/` holds."""
+    if decay <= 0:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 @dataclass
 class _EpochRunner:
-    """One epoch: train over a seeded shuffle of the train set, then validate."""
+    """One epoch: train over a seeded shuffle of the train set, then validate (the weight average when there is one)."""
 
     config: TrainConfig
     forward: PairForward
+    val_forward: PairForward
+    average: AveragedModel | None
     train_set: SegmentationDataset
     val_set: SegmentationDataset
     optimizer: torch.optim.Optimizer
@@ -468,8 +487,10 @@ class _EpochRunner:
         # disable=None: a bar on a terminal, none in CI logs (the epoch line still prints)
         bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=None if self.progress else True, leave=False)
         trainable = self.optimizer.param_groups[0]["params"]  # what gradient clipping covers
-        train_loss = _train_epoch(self.forward, bar, self.train_set, self.optimizer, self.scheduler, trainable, config)
-        val = validate(self.forward, self.val_set, config, self.loader_options)
+        train_loss = _train_epoch(
+            self.forward, bar, self.train_set, self.optimizer, self.scheduler, trainable, config, self.average
+        )
+        val = validate(self.val_forward, self.val_set, config, self.loader_options)
         run.seconds += time.perf_counter() - epoch_started
         row = {
             "epoch": epoch,
@@ -669,8 +690,9 @@ def _train_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     trainable: list[torch.nn.Parameter],
     config: TrainConfig,
+    average: AveragedModel | None = None,
 ) -> float:
-    """One pass over the batches; returns the mean loss per pair."""
+    """One pass over the batches (updating `average` after each step); returns the mean loss per pair."""
     forward.model.train()
     loss_sum, pairs = 0.0, 0
     for batch in batches:
@@ -682,6 +704,8 @@ def _train_epoch(
             torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
         optimizer.step()
         scheduler.step()
+        if average is not None:
+            average.update_parameters(forward.model)
         loss_sum += loss.item() * len(masks)
         pairs += len(masks)
         if isinstance(batches, tqdm):
