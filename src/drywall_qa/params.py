@@ -87,6 +87,8 @@ class InferenceParams(_Section):
     mode: Literal["resize", "whole", "sliding"] = "resize"
     scale: Annotated[float, Field(ge=0.05, le=8)] = 1.0
     overlap: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    flips: list[Literal["horizontal", "vertical"]] = []
+    sizes: list[Annotated[int, Field(ge=16, le=4096)]] = []  # resize mode only (InferenceConfig checks)
 
 
 class TrainParams(_Section):
@@ -97,6 +99,7 @@ class TrainParams(_Section):
     warmup_epochs: Annotated[float, Field(ge=0)]
     early_stopping_patience: Positive
     grad_clip: Annotated[float, Field(ge=0)]
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
     bce_weight: Annotated[float, Field(ge=0)]
     dice_weight: Annotated[float, Field(ge=0)]
     negative_prompts: bool
