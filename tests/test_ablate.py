@@ -66,3 +66,25 @@ def test_ablation_table_lists_every_variant_and_rescoring():
     assert "| a, scored as sliding | (same checkpoint) | sliding | 0.2 | 0.1 | 0.15 | | |" in table
     assert "| b | `{}` | resize | 0.1 | 0.2 | 0.15 | 7 | 50 |" in table
     assert "| taping snapped to boxes | 0.5 | 0.65 | |" in table and "(8 epochs max)" in table
+
+
+def test_views_table_lists_each_setting_of_one_checkpoint():
+    row = {"checkpoint": "final", "folder": "m", "val_seconds": 31.6}
+    document = {
+        "variants": {},
+        "records": [],
+        "views": [
+            row | {"name": "plain", "views": {}, "val.cracks.miou": 0.39, "val.cracks.rule": "0.4"},
+            row
+            | {
+                "name": "mirrors at 256",
+                "views": {"flips": ["horizontal", "vertical"], "sizes": [256]},
+                "val.taping.miou": 0.45,
+                "val.taping.rule": "0.6 + boxes",
+            },
+        ],
+    }
+    table = ablate_real.markdown(document)
+    assert "## Test-time views on the final checkpoint, on val" in table
+    assert "| plain | none | input size | 0.39 | 0.4 |  |  | 32 |" in table
+    assert "| mirrors at 256 | horizontal, vertical | 256 |  |  | 0.45 | 0.6 + boxes | 32 |" in table

@@ -248,3 +248,53 @@ def test_a_checkpoint_without_a_setting_uses_resize(tmp_path):
     processor.save_pretrained(tmp_path)
     loaded, _ = load_model(tmp_path)
     assert InferenceConfig.of(loaded).mode == "whole"
+
+
+def _logit(probs: np.ndarray) -> np.ndarray:
+    return np.log(probs) - np.log1p(-probs)
+
+
+def test_test_time_views_average_mirrored_and_resized_passes(tmp_path):
+    """`inference.flips` / `inference.sizes`: each view's logits, mirrored back, are averaged. So with
+    a left-right view the masks of a mirrored photo are the mirrored masks, and two sizes give the
+    mean of the logits of each size alone."""
+    torch.manual_seed(0)
+    model, processor = build_model("tiny", None, 32, False, prompts=ALL_PROMPTS)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8))
+    mirror = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+
+    def probs(config: InferenceConfig, photo: Image.Image) -> np.ndarray:
+        config.attach(model)
+        return predict_probs(model, processor, [photo], ALL_PROMPTS, device="cpu")[0]
+
+    plain = probs(InferenceConfig(), image)
+    assert not np.allclose(
+        probs(InferenceConfig(), mirror)[..., ::-1], plain, atol=1e-4
+    )  # the model alone is not symmetric
+    flipped = InferenceConfig(flips=("horizontal",))
+    both = probs(flipped, image)
+    np.testing.assert_allclose(probs(flipped, mirror)[..., ::-1], both, atol=1e-5)
+    expected = (_logit(plain) + _logit(probs(InferenceConfig(), mirror))[..., ::-1]) / 2
+    np.testing.assert_allclose(_logit(both), expected, atol=1e-3)
+
+    np.testing.assert_array_equal(probs(InferenceConfig(sizes=(32,)), image), plain)  # the input size = no view
+    two_sizes = probs(InferenceConfig(sizes=(32, 48)), image)
+    at_48 = probs(InferenceConfig(sizes=(48,)), image)
+    assert two_sizes.shape == (len(ALL_PROMPTS), 40, 56) and not np.allclose(at_48, plain, atol=1e-4)
+    np.testing.assert_allclose(_logit(two_sizes), (_logit(plain) + _logit(at_48)) / 2, atol=1e-3)
+    assert InferenceConfig(flips=("horizontal", "vertical"), sizes=(32, 48)).views == 6
+
+
+def test_test_time_views_are_checked_and_travel_in_the_checkpoint():
+    with pytest.raises(InferenceConfigError, match="inference.flips"):
+        InferenceConfig.from_params({"flips": ["diagonal"]})
+    with pytest.raises(InferenceConfigError, match="mode resize only"):
+        InferenceConfig.from_params({"mode": "whole", "sizes": [256]})
+    with pytest.raises(InferenceConfigError, match="inference.sizes"):
+        InferenceConfig.from_params({"sizes": [8]})
+    model, _ = build_model("tiny", None, 32, False, prompts=ALL_PROMPTS)
+    views = InferenceConfig.from_params({"flips": ["vertical"], "sizes": [48]})
+    views.attach(model)
+    model.config = type(model.config).from_dict(json.loads(model.config.to_json_string()))  # as load_model reads it
+    assert InferenceConfig.of(model) == views

@@ -458,7 +458,12 @@ def run_evaluation(
     result.metrics |= (
         runtime
         | footprint
-        | {"runtime.device": device_name(device), "inference.mode": inference.mode, "inference.scale": inference.scale}
+        | {
+            "runtime.device": device_name(device),
+            "inference.mode": inference.mode,
+            "inference.scale": inference.scale,
+            "inference.views": inference.views,  # vision passes per photo (or window); ms/image counts them all
+        }
     )
     write_outputs(result, metrics_path, plots_dir)
     return result

@@ -106,6 +106,11 @@ class InferenceConfig:
         setattr(model.config, CONFIG_KEY, asdict(self))
 
     @property
+    def views(self) -> int:
+        """Test-time views per photo: the plain one and each flip, at each of `sizes`."""
+        return (1 + len(self.flips)) * max(1, len(self.sizes))
+
+    @property
     def native(self) -> bool:
         """True when masks are made at the (scaled) photo's resolution rather than the model's input size."""
         return self.mode != "resize"
@@ -274,7 +279,7 @@ def predict_probs(
 def _view_averaged_logits(model, processor, batch, conditional, config, device) -> list[torch.Tensor]:
     """Each image's `[P, H, W]` logits at its own size, averaged over the config's test-time views."""
     totals: list[torch.Tensor | None] = [None] * len(batch)
-    views = [(flip, side) for flip in (None, *config.flips) for side in (config.sizes or (None,))]
+    views = [(flip, side) for flip in (None, *config.flips) for side in (config.sizes or (None,))]  # config.views
     for flip, side in views:
         view = [mirrored(image, flip) for image in batch]
         if config.native:

@@ -240,14 +240,17 @@ def describe_training_geometry(params: dict) -> str:
 def describe_inference(params: dict) -> str:
     inference, side = params.get("inference") or {}, params["model"]["image_size"]
     mode, scale = inference.get("mode", "resize"), inference.get("scale", 1.0)
+    flips = inference.get("flips") or []
+    mirrors = f"; also mirrored {' and '.join(flips)}, the views' logits averaged" if flips else ""
     if mode == "whole":
-        return f"one pass over the whole photo scaled by {scale:g}, upsampled to its size"
+        return f"one pass over the whole photo scaled by {scale:g}, upsampled to its size{mirrors}"
     if mode == "sliding":
         return (
             f"{side} px windows over the photo scaled by {scale:g}, overlap {inference.get('overlap', 0.5):g}, "
-            "logits averaged"
+            f"logits averaged{mirrors}"
         )
-    return f"the photo resized to {side} x {side}, probabilities upsampled to its size"
+    sides = " and ".join(f"{size} x {size}" for size in inference.get("sizes") or [side])
+    return f"the photo resized to {sides} (the model trains at {side} x {side}), logits upsampled to its size{mirrors}"
 
 
 def data_section(inputs: ReportInputs) -> str:
@@ -576,6 +579,10 @@ def stage_seconds_section(stage_seconds: dict[str, float] | None) -> str | None:
     )
 
 
+def _passes(views: int) -> str:
+    return "one vision pass" if views == 1 else f"{views} test-time views, one vision pass each"
+
+
 def runtime_section(inputs: ReportInputs) -> str:
     m = inputs.eval
     need = lambda key: _need(m, key, "metrics/eval.json")  # noqa: E731
@@ -583,7 +590,7 @@ def runtime_section(inputs: ReportInputs) -> str:
         ("device", f"`{need('runtime.device')}`"),
         ("latency, 1 prompt", f"{need('runtime.ms_per_image_1_prompt'):.1f} ms / image"),
         (
-            f"latency, all {need('runtime.n_prompts_all')} prompts (one vision pass)",
+            f"latency, all {need('runtime.n_prompts_all')} prompts ({_passes(m.get('inference.views', 1))})",
             f"{need('runtime.ms_per_image_all_prompts'):.1f} ms / image",
         ),
         (
