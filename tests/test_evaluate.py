@@ -184,6 +184,7 @@ def test_outputs_are_flat_json_and_tables(dataset, tmp_path):
         per_prompt = {row["prompt"]: row for row in csv.DictReader(handle)}
     assert float(per_prompt["segment crack"]["zero_shot_miou"]) == pytest.approx(0.5)
     assert float(per_prompt["segment crack"]["threshold"]) == 0.7
+    assert per_prompt["segment crack"]["boxes"] == str(metrics["boxes.segment_crack"])
     with open(tmp_path / "plots" / "eval_per_image.csv") as handle:
         reader = csv.DictReader(handle)
         assert reader.fieldnames == [

@@ -490,7 +490,7 @@ def test_a_warm_up_over_every_step_is_reported():
     # one epoch of one step: the linear warm-up's only step is at lr 0, so nothing would train
     only_step = warmup_warning(tiny_config(epochs=1, warmup_epochs=1), warmup_steps=1, steps=1)
     assert only_step is not None and "its only step runs at lr 0" in only_step
-    assert "train.warmup_epochs=1" in only_step
+    assert "(1 step, train.warmup_epochs=1) covers all 1 optimizer step," in only_step
     whole_run = warmup_warning(tiny_config(epochs=2, warmup_epochs=2), warmup_steps=10, steps=10)
     assert (
         whole_run is not None and "covers all 10 optimizer steps" in whole_run and "never reaches 0.0005" in whole_run

@@ -34,7 +34,7 @@ from drywall_qa.runtime import device_name, folder_bytes, measure_runtime, peak_
 PredictFn = Callable[[list[Image.Image], list[str]], list[np.ndarray]]
 
 PER_IMAGE_COLUMNS = ["image_id", "dataset", "prompt", "iou", "dice", "gt_fg_fraction", "pred_fg_fraction"]
-PER_PROMPT_COLUMNS = ["prompt", "dataset", "test_miou", "test_dice", "zero_shot_miou", "threshold", "pairs"]
+PER_PROMPT_COLUMNS = ["prompt", "dataset", "test_miou", "test_dice", "zero_shot_miou", "threshold", "boxes", "pairs"]
 SWEEP_COLUMNS = ["prompt", "threshold", "val_miou", "val_dice", "precision", "recall"]
 ZERO_SHOT_THRESHOLD = 0.5
 DECIMALS = 6  # rounding of written scores: stable files, far below any meaningful difference
@@ -312,6 +312,7 @@ def evaluate_predictions(
                 "test_dice": metrics[f"test.{slug}.dice"],
                 "zero_shot_miou": "",  # filled by add_zero_shot
                 "threshold": chosen[prompt],
+                "boxes": int(prompt in boxed),  # 1: val chose snapping components to their boxes
                 "pairs": metrics[f"test.{slug}.pairs"],
             }
         )

@@ -280,9 +280,13 @@ def warmup_warning(config: TrainConfig, warmup_steps: int, steps: int) -> str | 
         return None
     outcome = "its only step runs at lr 0" if steps == 1 else f"lr never reaches {config.lr:g}"
     return (
-        f"train: warning: the warm-up ({warmup_steps} steps, train.warmup_epochs={config.warmup_epochs:g}) "
-        f"covers all {steps} optimizer steps, so {outcome}; lower train.warmup_epochs"
+        f"train: warning: the warm-up ({_count(warmup_steps, 'step')}, train.warmup_epochs={config.warmup_epochs:g}) "
+        f"covers all {_count(steps, 'optimizer step')}, so {outcome}; lower train.warmup_epochs"
     )
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
 
 
 def write_json(path: Path, value: dict[str, Any]) -> None:
