@@ -4,7 +4,7 @@
 #
 #   bash scripts/run_real.sh                       # scratch weights, the CPU recipe below
 #   bash scripts/run_real.sh -S model.weights=CIDAS/clipseg-rd64-refined -S model.freeze_backbone=true \
-#        -S model.image_size=352                   # pretrained CLIPSeg, on a machine with Hub access
+#        -S model.image_size=352 -S 'inference.sizes=[]'   # pretrained CLIPSeg, on a machine with Hub access
 #
 # Extra arguments go to `dvc exp run` after the recipe, so a later `-S key=value` wins.
 # `--temp` runs the experiment in a temporary copy of the repo (.dvc/tmp/exps/): params.yaml,
