@@ -263,3 +263,18 @@ def test_report_states_how_masks_are_made_and_the_wall_time_of_each_stage(inputs
     resized = _build(inputs_on_disk)
     assert f"| training images | whole photos resized to {side} x {side} |" in resized
     assert "### Wall time per stage" not in resized  # no MLflow record of the stages: no table
+
+
+def test_the_report_names_the_test_time_views_and_counts_their_passes():
+    from drywall_qa.report import _passes, describe_inference
+
+    params = {
+        "model": {"image_size": 224},
+        "inference": {"mode": "resize", "flips": ["horizontal", "vertical"], "sizes": [256]},
+    }
+    assert describe_inference(params) == (
+        "the photo resized to 256 x 256 (the model trains at 224 x 224), logits upsampled to its size; "
+        "also mirrored horizontal and vertical, the views' logits averaged"
+    )
+    assert _passes(params) == "3 test-time views, one vision pass each"
+    assert _passes({"inference": {"mode": "resize"}}) == "one vision pass"

@@ -579,18 +579,21 @@ def stage_seconds_section(stage_seconds: dict[str, float] | None) -> str | None:
     )
 
 
-def _passes(views: int) -> str:
+def _passes(params: dict) -> str:
+    """The vision passes per photo the latency covers: one per test-time view (params `inference`)."""
+    inference = params.get("inference") or {}
+    views = (1 + len(inference.get("flips") or [])) * max(1, len(inference.get("sizes") or []))
     return "one vision pass" if views == 1 else f"{views} test-time views, one vision pass each"
 
 
-def runtime_section(inputs: ReportInputs) -> str:
+def runtime_section(inputs: ReportInputs, params: dict) -> str:
     m = inputs.eval
     need = lambda key: _need(m, key, "metrics/eval.json")  # noqa: E731
     rows = [
         ("device", f"`{need('runtime.device')}`"),
         ("latency, 1 prompt", f"{need('runtime.ms_per_image_1_prompt'):.1f} ms / image"),
         (
-            f"latency, all {need('runtime.n_prompts_all')} prompts ({_passes(m.get('inference.views', 1))})",
+            f"latency, all {need('runtime.n_prompts_all')} prompts ({_passes(params)})",
             f"{need('runtime.ms_per_image_all_prompts'):.1f} ms / image",
         ),
         (
@@ -664,7 +667,7 @@ def build_report(
         reference_section(inputs),
         examples_section(inputs, params),
         failures_section(inputs, params),
-        runtime_section(inputs),
+        runtime_section(inputs, params),
         stage_seconds_section(stage_seconds),
         reproducibility_section(params, git_commit, raw_data_hash, mlflow_ids),
     ]
