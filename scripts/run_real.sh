@@ -21,7 +21,8 @@ out="${REAL_OUT_DIR:-metrics/real}"
 # `tiny` preset with a convolutional stem instead of ViT's 16x16 patchify kernel (it learns ~3x faster
 # per epoch: val mIoU 0.30 after 6 epochs, where the plain ViT needed 22), whole photos resized to
 # 224 px (14x14 tokens), 30 epochs, inference mode `resize`. 224 px replaced 192 px (val 0.383 with the
-# stem) because input resolution is what limits thin cracks (128 -> 192 px had lifted test mIoU 0.212 -> 0.260);
+# stem; the 224 px run without the weight average and views: metrics/real_stem224/) because input
+# resolution is what limits thin cracks (128 -> 192 px had lifted test mIoU 0.212 -> 0.260);
 # it costs ~1.36x per epoch (the 192 px run: metrics/real_stem192/). 256 px went no further on val
 # (0.411 vs 0.414: cracks up 0.381 -> 0.392, taping down 0.450 -> 0.432) at 1.3x the time (metrics/real_stem256/).
 # The native-scale recipe (224 px crops of the photo at 0.75 with scale jitter, 70% foreground-seeking,
@@ -37,9 +38,12 @@ out="${REAL_OUT_DIR:-metrics/real}"
 # Test-time views (inference.flips/sizes): the 256 px checkpoint (metrics/real_stem256) scored on val
 # with its plain view 0.392 / 0.432 (cracks / taping), with left-right + top-bottom mirrors 0.404 / 0.441,
 # mirrors at 288 px (1.125x its input) 0.409 / 0.449, at 320 px 0.413 / 0.433; so mirrors at 1.14x the
-# 224 px input (256 px). They triple the vision passes per photo at inference only.
+# 224 px input (256 px). They triple the vision passes per photo at inference only. On this recipe's own
+# checkpoint (metrics/real/ablation.md, views table): plain 0.385 / 0.445, mirrors at 256 px 0.405 / 0.471,
+# mirrors at 288 px 0.408 / 0.475 (within noise of 256; not re-run).
 # Weights averaged per step (train.ema_decay 0.998, a ~3-epoch horizon): val mIoU swung by +-0.02
-# from epoch to epoch, and the best epoch was picked from those swings.
+# from epoch to epoch, and the best epoch was picked from those swings. With the average, val rises
+# smoothly; its plain-view val (0.385 / 0.445) matches the raw-weight run's (0.381 / 0.450, metrics/real_stem224).
 # Two torch threads (TRAIN_THREADS), for training and (OMP_NUM_THREADS) evaluation: alone on a 2-core
 # machine they run 1.4x faster than one; on a busy machine set TRAIN_THREADS=1 (two threads then
 # oversubscribe and ran 4-6x slower). Native CPU kernels: the real run is not gated, so it takes the

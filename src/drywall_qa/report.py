@@ -211,6 +211,12 @@ def approach_section(inputs: ReportInputs, params: dict) -> str:
                 ),
                 ("loss", f"{train['bce_weight']} x BCE + {train['dice_weight']} x Dice"),
                 (
+                    "weights validated and published",
+                    f"a moving average over optimizer steps (train.ema_decay {train['ema_decay']:g})"
+                    if train.get("ema_decay")
+                    else "the trained weights of the best val epoch",
+                ),
+                (
                     "negative prompts",
                     "yes: images also paired with the other dataset's prompts and an empty mask"
                     if train["negative_prompts"]
