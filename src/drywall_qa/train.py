@@ -364,17 +364,13 @@ def train(
     optimizer, scheduler = make_optimizer(model, config, math.ceil(len(train_set) / config.batch_size), log)
     average = weight_average(model, config.ema_decay)
 
-    run, start_epoch = _Run(history=[]), 1
-    if resume_state is not None:
-        restore_optimizer(work / "last", optimizer, scheduler, average)
-        run, start_epoch = _Run(**resume_state["run"]), resume_state["epoch"] + 1
-        log(f"train: resuming from last/ after epoch {resume_state['epoch']} (config fingerprint matches)")
+    run, start_epoch = _resumed_run(work, resume_state, optimizer, scheduler, average, log)
 
-    forward = PairForward(model, processor, train_set.prompt_list, device_, cache)
+    forward, val_forward = _forwards(model, average, processor, train_set.prompt_list, device_, cache)
     epoch_runner = _EpochRunner(
         config,
         forward,
-        PairForward(average.module, processor, train_set.prompt_list, device_, cache) if average else forward,
+        val_forward,
         average,
         train_set,
         val_set,
@@ -404,6 +400,18 @@ def train(
     write_history(history_path, run.history)
     write_json(metrics_path, summary)
     return summary
+
+
+def _resumed_run(
+    work: Path, resume_state: dict[str, Any] | None, optimizer, scheduler, average, log: Callable[[str], None]
+) -> tuple[_Run, int]:
+    """The run record and first epoch: fresh, or where `last/` stopped (its optimizer, scheduler,
+    RNG and weight average restored)."""
+    if resume_state is None:
+        return _Run(history=[]), 1
+    restore_optimizer(work / "last", optimizer, scheduler, average)
+    log(f"train: resuming from last/ after epoch {resume_state['epoch']} (config fingerprint matches)")
+    return _Run(**resume_state["run"]), resume_state["epoch"] + 1
 
 
 def _resume_state_or_clear(output_dir: Path, fingerprint: str, log: Callable[[str], None]) -> dict[str, Any] | None:
@@ -460,6 +468,12 @@ def weight_average(model: torch.nn.Module, decay: float) -> AveragedModel | None
     if decay <= 0:
         return None
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def _forwards(model, average: AveragedModel | None, processor, prompts: list[str], device, cache):
+    """The training forward (the trained weights) and the validation one (their average when there is one)."""
+    forward = PairForward(model, processor, prompts, device, cache)
+    return forward, (PairForward(average.module, processor, prompts, device, cache) if average else forward)
 
 
 @dataclass
