@@ -586,7 +586,9 @@ def stage_seconds_section(stage_seconds: dict[str, float] | None) -> str | None:
 
 
 def _passes(params: dict) -> str:
-    """The vision passes per photo the latency covers: one per test-time view (params `inference`)."""
+    """The vision passes per photo the latency covers: one per test-time view (params `inference`).
+    `InferenceConfig.views` counts the same, but importing it brings in torch, which the report stage
+    must not import before `cpu_numerics` is configured."""
     inference = params.get("inference") or {}
     views = (1 + len(inference.get("flips") or [])) * max(1, len(inference.get("sizes") or []))
     return "one vision pass" if views == 1 else f"{views} test-time views, one vision pass each"
