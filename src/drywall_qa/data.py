@@ -76,22 +76,45 @@ def channel_statistics(records: Sequence[ImageRecord], image_size: int) -> tuple
     return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
 
 
-def build_augmentation() -> A.Compose:
-    """Joint image + mask augmentation at the model's input size: flips, a small affine, photometric."""
+@dataclass(frozen=True)
+class ResizeAugment:
+    """Augmentation strength of whole-photo (resize mode) training (params `train.augment_*`)."""
+
+    scale: tuple[float, float] = (0.9, 1.1)  # the affine's zoom range
+    color: float = 0.0  # > 0: colour jitter of brightness, contrast and saturation by this, hue by a quarter of it
+
+    def __post_init__(self) -> None:
+        low, high = self.scale
+        if not 0.25 <= low <= 1 <= high <= 4:
+            raise ValueError(
+                f"train.augment_scale must be [low, high] with 0.25 <= low <= 1 <= high <= 4, got {list(self.scale)}"
+            )
+        if not 0 <= self.color <= 0.5:
+            raise ValueError(f"train.augment_color must be in [0, 0.5], got {self.color}")
+
+
+def build_augmentation(strength: ResizeAugment = ResizeAugment()) -> A.Compose:
+    """Joint image + mask augmentation at the model's input size: flips, an affine, photometric.
+    Colour jitter (`strength.color`) is there for the real photos: each site has its own light and
+    white balance, and a scene seen only in val or test should not look new for its colour alone."""
+    photometric: list[A.BasicTransform] = [A.RandomBrightnessContrast(brightness_limit=0.05, contrast_limit=0.1, p=0.5)]
+    if strength.color > 0:
+        c = strength.color
+        photometric.append(A.ColorJitter(brightness=c, contrast=c, saturation=c, hue=c / 4, p=0.8))
     return A.Compose(
         [
             A.HorizontalFlip(p=0.5),
             A.VerticalFlip(p=0.5),
             A.Affine(
                 translate_percent=(-0.0625, 0.0625),
-                scale=(0.9, 1.1),
+                scale=tuple(strength.scale),
                 rotate=(-15, 15),
                 border_mode=cv2.BORDER_CONSTANT,
                 fill=0,
                 fill_mask=0,
                 p=0.5,
             ),
-            A.RandomBrightnessContrast(brightness_limit=0.05, contrast_limit=0.1, p=0.5),
+            *photometric,
         ]
     )
 
@@ -178,6 +201,7 @@ class SegmentationDataset(Dataset):
         working_scale: float | None = None,
         crop: CropConfig | None = None,
         patch_size: int = 16,
+        resize_augment: ResizeAugment = ResizeAugment(),
     ):
         if not records:
             raise ManifestError("the split has no images")
@@ -198,7 +222,7 @@ class SegmentationDataset(Dataset):
                 raise ValueError("native-scale training needs a CropConfig")
             self.augmentation = build_crop_augmentation(image_size, crop)
         else:
-            self.augmentation = build_augmentation() if augment else None
+            self.augmentation = build_augmentation(resize_augment) if augment else None
         self.negative_prompts = negative_prompts
         self.seed = seed
         self.views = views

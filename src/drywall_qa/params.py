@@ -112,6 +112,11 @@ class TrainParams(_Section):
         1.0,
     ]
     crop_foreground_prob: Fraction = 0.5
+    augment_scale: Annotated[list[Annotated[float, Field(ge=0.25, le=4)]], Field(min_length=2, max_length=2)] = [
+        0.9,
+        1.1,
+    ]
+    augment_color: Annotated[float, Field(ge=0, le=0.5)] = 0.0
 
 
 class EvaluateParams(_Section):

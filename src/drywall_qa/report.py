@@ -360,6 +360,19 @@ def _split_lines(inputs: ReportInputs) -> list[str]:
     ]
 
 
+def describe_augmentation(params: dict) -> str:
+    train = params["train"]
+    if not train["augment"]:
+        return "none"
+    if params.get("inference", {}).get("mode", "resize") != "resize":
+        low, high = train.get("crop_scale_jitter", [1.0, 1.0])
+        return f"crops at scale {low:g}–{high:g}, flips, right-angle turns, small rotation, brightness/contrast"
+    low, high = train.get("augment_scale", [0.9, 1.1])
+    text = f"flips, zoom {low:g}–{high:g}, ±15° rotation, brightness/contrast"
+    color = float(train.get("augment_color", 0.0))
+    return text + (f", colour jitter {color:g}" if color > 0 else "")
+
+
 def training_section(inputs: ReportInputs, params: dict) -> str:
     train, t = params["train"], inputs.train
     config_rows = [
@@ -370,7 +383,7 @@ def training_section(inputs: ReportInputs, params: dict) -> str:
         ("scheduler", f"{train['scheduler']}, {train['warmup_epochs']} warm-up epoch(s)"),
         ("early stopping patience", train["early_stopping_patience"]),
         ("gradient clipping", train["grad_clip"]),
-        ("augmentation", "yes" if train["augment"] else "no"),
+        ("augmentation", describe_augmentation(params)),
         ("seed", params["seed"]),
     ]
     result_rows = [

@@ -51,6 +51,7 @@ from drywall_qa.contracts.atomic import write_text_atomic
 from drywall_qa.contracts.manifest import image_records, prompt_order, prompts_by_dataset, read_manifest
 from drywall_qa.data import (
     CropConfig,
+    ResizeAugment,
     SegmentationDataset,
     channel_statistics,
     collate_pairs,
@@ -110,6 +111,8 @@ class TrainConfig:
     crop_foreground_prob: float = 0.5
     conv_stem: tuple[int, ...] | None = None  # scratch only: the ConvStem's widths (model.conv_stem)
     ema_decay: float = 0.0  # > 0: validate and publish an exponential moving average of the weights
+    augment_scale: tuple[float, float] = (0.9, 1.1)  # resize mode: the affine's zoom range
+    augment_color: float = 0.0  # resize mode: colour jitter strength (data.ResizeAugment)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
 
     def __post_init__(self) -> None:
@@ -117,13 +120,14 @@ class TrainConfig:
         if isinstance(self.inference, dict):
             object.__setattr__(self, "inference", InferenceConfig.from_params(self.inference))
         object.__setattr__(self, "crop_scale_jitter", tuple(float(v) for v in self.crop_scale_jitter))
+        object.__setattr__(self, "augment_scale", tuple(float(v) for v in self.augment_scale))
         if self.conv_stem is not None:
             object.__setattr__(self, "conv_stem", tuple(int(v) for v in self.conv_stem))
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> TrainConfig:
         model, train = params["model"], params["train"]
-        optional = {"crop_scale_jitter", "crop_foreground_prob", "ema_decay"}
+        optional = {"crop_scale_jitter", "crop_foreground_prob", "ema_decay", "augment_scale", "augment_color"}
         names = {name for name in cls.__dataclass_fields__} - {
             "seed",
             "lr",
@@ -167,6 +171,12 @@ class TrainConfig:
         except ValueError as error:
             raise TrainConfigError(str(error)) from None
 
+    def resize_augment(self) -> ResizeAugment:
+        try:
+            return ResizeAugment(scale=tuple(self.augment_scale), color=float(self.augment_color))
+        except ValueError as error:
+            raise TrainConfigError(str(error)) from None
+
     def validate(self) -> None:
         if self.scheduler not in SCHEDULERS:
             raise TrainConfigError(f"train.scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
@@ -188,6 +198,7 @@ class TrainConfig:
         if not 0 <= self.ema_decay < 1:
             raise TrainConfigError(f"train.ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
         self.crop()
+        self.resize_augment()
 
     @property
     def weights_init(self) -> str:
@@ -610,6 +621,7 @@ def _datasets(
         seed=config.seed,
         views=config.cached_views if config.uses_cache else None,
         crop=config.crop() if native else None,
+        resize_augment=config.resize_augment(),
         **geometry,
     )
     val_set = SegmentationDataset(
