@@ -327,9 +327,11 @@ def main() -> int:
     parser.add_argument("--manifest", type=Path, required=True)
     parser.add_argument("--root", type=Path, required=True, help="folder the manifest's paths are relative to")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--epochs", type=int, required=True)
+    parser.add_argument("--epochs", type=int, help="max epochs of each trained variant (training mode only)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=YAML", help="override for every variant")
-    parser.add_argument("--variant", action="append", required=True)
+    parser.add_argument(
+        "--variant", action="append", default=[], help="NAME=JSON overrides to train, or the scored checkpoint's name"
+    )
     parser.add_argument("--also-score", action="append", default=[], choices=["resize", "whole", "sliding"])
     parser.add_argument("--out", type=Path, required=True, help="folder for ablation.json / ablation.md")
     parser.add_argument(
@@ -355,6 +357,10 @@ def main() -> int:
         help="add a finished real run's val scores (DIR holds its eval.json and train.json)",
     )
     args = parser.parse_args()
+    if not args.full_run and not args.variant:
+        parser.error("--variant is required (a variant to train, or the name of the --score-checkpoint)")
+    if not args.full_run and not args.score_checkpoint and args.epochs is None:
+        parser.error("--epochs is required to train variants")
     if args.full_run:
         out_file = args.out / "ablation.json"
         document = json.loads(out_file.read_text()) if out_file.is_file() else {"records": [], "variants": {}}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 import ablate_real
@@ -88,3 +90,23 @@ def test_views_table_lists_each_setting_of_one_checkpoint():
     assert "## Test-time views on the final checkpoint, on val" in table
     assert "| plain | none | input size | 0.39 | 0.4 |  |  | 32 |" in table
     assert "| mirrors at 256 | horizontal, vertical | 256 |  |  | 0.45 | 0.6 + boxes | 32 |" in table
+
+
+def test_training_mode_needs_epochs_and_a_finished_run_needs_neither(tmp_path, monkeypatch, capsys):
+    base = ["ablate_real.py", "--manifest", "m.csv", "--root", ".", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", [*base, "--variant", "a={}"])
+    with pytest.raises(SystemExit):
+        ablate_real.main()
+    assert "--epochs is required" in capsys.readouterr().err
+    run = tmp_path / "run"
+    run.mkdir()
+    prompts = {"cracks": ["segment crack"], "taping": ["segment taping area"]}
+    (run / "eval.json").write_text(
+        json.dumps({"val.segment_crack.miou": 0.4, "val.segment_taping_area.miou": 0.5, "val.miou": 0.45})
+    )
+    (run / "train.json").write_text(json.dumps({"epochs_run": 30, "seconds": 100.0}))
+    monkeypatch.setattr(ablate_real, "load_params", lambda path: {"prompts": prompts})
+    monkeypatch.setattr(sys, "argv", [*base, "--full-run", f"colour={run}"])
+    assert ablate_real.main() == 0
+    (record,) = json.loads((tmp_path / "ablation.json").read_text())["full_runs"]
+    assert record["val.cracks.miou"] == 0.4 and record["val.taping.miou"] == 0.5 and record["train_seconds"] == 100.0

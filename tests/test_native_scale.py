@@ -14,7 +14,14 @@ from PIL import Image
 from test_train import PROMPTS, make_manifest, run_training, tiny_config
 
 from drywall_qa.contracts.manifest import image_records, prompts_by_dataset, read_manifest
-from drywall_qa.data import CropConfig, SegmentationDataset, build_crop_augmentation, size_grouped_batches
+from drywall_qa.data import (
+    CropConfig,
+    ResizeAugment,
+    SegmentationDataset,
+    build_augmentation,
+    build_crop_augmentation,
+    size_grouped_batches,
+)
 from drywall_qa.inference import (
     CONFIG_KEY,
     InferenceConfig,
@@ -104,6 +111,32 @@ def test_crops_have_the_model_size_and_seek_foreground():
         CropConfig(scale_jitter=(1.5, 1.0), foreground_prob=0.5)
 
 
+def test_resize_augmentation_strength_zooms_and_jitters_colour_but_keeps_masks_binary():
+    image = np.full((96, 96, 3), (180, 170, 160), np.uint8)
+    mask = np.zeros((96, 96), np.uint8)
+    mask[40:56, 10:86] = 255
+    mild = build_augmentation(ResizeAugment())
+    strong = build_augmentation(ResizeAugment(scale=(0.5, 2.0), color=0.4))
+    colour_change = {"mild": [], "strong": []}
+    area_change = {"mild": [], "strong": []}
+    for trial in range(30):
+        for name, augmentation in (("mild", mild), ("strong", strong)):
+            augmentation.set_random_seed(trial)
+            out = augmentation(image=image, masks=[mask])
+            assert out["image"].shape == image.shape and out["masks"][0].shape == mask.shape
+            assert set(np.unique(out["masks"][0]).tolist()) <= {0, 255}
+            centre = out["image"][40:56, 40:56].reshape(-1, 3).astype(float).mean(0)
+            colour_change[name].append(np.abs(centre - image[0, 0]).max())
+            area_change[name].append(abs(np.count_nonzero(out["masks"][0]) / np.count_nonzero(mask) - 1))
+    # the mild default only nudges brightness (5%); colour jitter 0.4 moves colours far more often
+    assert sum(c > 25 for c in colour_change["strong"]) > 10 and max(colour_change["mild"]) < 25
+    assert max(area_change["strong"]) > max(area_change["mild"]) + 0.3  # zoom 0.5-2 resizes the mask's area
+    with pytest.raises(ValueError, match="augment_scale"):
+        ResizeAugment(scale=(1.1, 1.3))
+    with pytest.raises(ValueError, match="augment_color"):
+        ResizeAugment(color=0.8)
+
+
 def test_native_dataset_crops_for_training_and_keeps_whole_images_for_validation(tmp_path):
     make_manifest(tmp_path, size=64)  # images 64 x 72
     rows = read_manifest(tmp_path / "manifest.csv")
@@ -180,6 +213,13 @@ def test_config_reads_inference_and_crop_params():
         TrainConfig.from_params({**params, "train": {**params["train"], "crop_scale_jitter": 0.5}})
     with pytest.raises(TrainConfigError, match="crop_foreground_prob"):
         TrainConfig.from_params({**params, "train": {**params["train"], "crop_foreground_prob": 2}})
+    assert config.resize_augment() == ResizeAugment()  # absent keys: the mild default
+    strong = TrainConfig.from_params(
+        {**params, "train": {**params["train"], "augment_scale": [0.75, 1.33], "augment_color": 0.3}}
+    )
+    assert strong.resize_augment() == ResizeAugment(scale=(0.75, 1.33), color=0.3)
+    with pytest.raises(TrainConfigError, match="augment_color"):
+        TrainConfig.from_params({**params, "train": {**params["train"], "augment_color": -0.1}})
 
 
 @pytest.mark.parametrize("mode", ["whole", "sliding"])

@@ -278,3 +278,19 @@ def test_the_report_names_the_test_time_views_and_counts_their_passes():
     )
     assert _passes(params) == "3 test-time views, one vision pass each"
     assert _passes({"inference": {"mode": "resize"}}) == "one vision pass"
+
+
+def test_the_report_states_the_augmentation_its_params_chose():
+    from drywall_qa.report import describe_augmentation
+
+    resize = {"inference": {"mode": "resize"}}
+    assert describe_augmentation({**resize, "train": {"augment": False}}) == "none"
+    assert describe_augmentation({**resize, "train": {"augment": True}}) == (
+        "flips, zoom 0.9–1.1, ±15° rotation, brightness/contrast"
+    )
+    strong = {**resize, "train": {"augment": True, "augment_scale": [0.75, 1.33], "augment_color": 0.3}}
+    assert (
+        describe_augmentation(strong) == "flips, zoom 0.75–1.33, ±15° rotation, brightness/contrast, colour jitter 0.3"
+    )
+    native = {"inference": {"mode": "whole"}, "train": {"augment": True, "crop_scale_jitter": [0.7, 1.4]}}
+    assert describe_augmentation(native).startswith("crops at scale 0.7–1.4")
