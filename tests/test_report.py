@@ -294,3 +294,14 @@ def test_the_report_states_the_augmentation_its_params_chose():
     )
     native = {"inference": {"mode": "whole"}, "train": {"augment": True, "crop_scale_jitter": [0.7, 1.4]}}
     assert describe_augmentation(native).startswith("crops at scale 0.7–1.4")
+
+
+def test_the_report_states_the_loss_with_its_cldice_term_when_on():
+    from drywall_qa.report import describe_loss
+
+    plain = {"bce_weight": 1.0, "dice_weight": 1.0}
+    assert describe_loss(plain) == "1.0 x BCE + 1.0 x Dice"
+    assert describe_loss({**plain, "cldice_weight": 0.0, "cldice_datasets": ["cracks"]}) == "1.0 x BCE + 1.0 x Dice"
+    assert describe_loss({**plain, "cldice_weight": 0.5, "cldice_datasets": ["cracks"]}) == (
+        "1.0 x BCE + 1.0 x Dice + 0.5 x soft clDice on the cracks prompts"
+    )

@@ -525,3 +525,47 @@ def test_with_a_weight_average_best_holds_the_average_and_last_the_trained_weigh
         torch.testing.assert_close(value, average[name])
     with pytest.raises(TrainConfigError, match="ema_decay"):
         tiny_config(ema_decay=1.0).validate()
+
+
+def crack_masks() -> torch.Tensor:
+    """Two 32x32 masks with a 2 px vertical line each (the shape of a crack at training scale)."""
+    masks = torch.zeros(2, 32, 32)
+    masks[:, 4:28, 15:17] = 1
+    return masks
+
+
+def test_cldice_weighs_only_the_thin_pairs_and_prefers_the_whole_line_to_a_thick_part():
+    masks = crack_masks()
+    whole = torch.where(masks > 0, 8.0, -8.0)
+    blob = torch.full_like(masks, -8.0)
+    blob[:, 4:12, 11:21] = 8.0  # a thick blob over a third of the line: similar area overlap, wrong shape
+    neither, both = torch.tensor([False, False]), torch.tensor([True, True])
+    for logits in (whole, blob):
+        plain = segmentation_loss(logits, masks, 1, 1)
+        assert segmentation_loss(logits, masks, 1, 1, neither, cldice_weight=2.0) == plain  # not thin: no term
+        assert segmentation_loss(logits, masks, 1, 1, both, cldice_weight=0.0) == plain  # weight 0: off
+    whole_extra = segmentation_loss(whole, masks, 1, 1, both, 1.0) - segmentation_loss(whole, masks, 1, 1)
+    blob_extra = segmentation_loss(blob, masks, 1, 1, both, 1.0) - segmentation_loss(blob, masks, 1, 1)
+    assert whole_extra < 0.05 and blob_extra > 0.4
+    # an empty mask gets no clDice term even when its prompt is thin (it has no centre line to trace)
+    empty = torch.zeros(1, 32, 32)
+    assert segmentation_loss(blob[:1], empty, 1, 1, both[:1], 1.0) == segmentation_loss(blob[:1], empty, 1, 1)
+
+
+def test_cldice_datasets_must_be_datasets_of_the_manifest(tmp_path):
+    make_manifest(tmp_path)
+    with pytest.raises(TrainConfigError, match=r"cldice_datasets names \['crack'\]"):
+        run_training(tmp_path, tiny_config(cldice_weight=1.0, cldice_datasets=("crack",)))
+    with pytest.raises(TrainConfigError, match="cldice_weight"):
+        tiny_config(cldice_weight=-1.0).validate()
+
+
+def test_training_with_cldice_on_crack_prompts_runs_and_counts_it_in_the_loss(tmp_path):
+    make_manifest(tmp_path)
+    first_epoch = {}
+    for name, config in {"plain": tiny_config(epochs=1), "thin": tiny_config(epochs=1, cldice_weight=1.0)}.items():
+        run_training(tmp_path, config, out=name)
+        first_epoch[name] = pd.read_csv(tmp_path / name / "history.csv").iloc[0]
+    # the same seed and data: the clDice term of the crack pairs adds to both the train and the val loss
+    assert first_epoch["thin"]["train_loss"] > first_epoch["plain"]["train_loss"]
+    assert first_epoch["thin"]["val_loss"] > first_epoch["plain"]["val_loss"]

@@ -117,6 +117,8 @@ class TrainParams(_Section):
         1.1,
     ]
     augment_color: Annotated[float, Field(ge=0, le=0.5)] = 0.0
+    cldice_weight: Annotated[float, Field(ge=0)] = 0.0
+    cldice_datasets: list[str] = ["cracks"]
 
 
 class EvaluateParams(_Section):

@@ -209,7 +209,7 @@ def approach_section(inputs: ReportInputs, params: dict) -> str:
                     f"{int(_need(m, 'footprint.params', 'metrics/eval.json')):,}"
                     + (f" ({int(trainable):,} trainable)" if trainable is not None else ""),
                 ),
-                ("loss", f"{train['bce_weight']} x BCE + {train['dice_weight']} x Dice"),
+                ("loss", describe_loss(train)),
                 (
                     "weights validated and published",
                     f"a moving average over optimizer steps (train.ema_decay {train['ema_decay']:g})"
@@ -358,6 +358,14 @@ def _split_lines(inputs: ReportInputs) -> list[str]:
             split_rows,
         ),
     ]
+
+
+def describe_loss(train: dict) -> str:
+    text = f"{train['bce_weight']} x BCE + {train['dice_weight']} x Dice"
+    if float(train.get("cldice_weight", 0.0)) > 0:
+        datasets = ", ".join(train.get("cldice_datasets", ["cracks"]))
+        text += f" + {train['cldice_weight']} x soft clDice on the {datasets} prompts"
+    return text
 
 
 def describe_augmentation(params: dict) -> str:

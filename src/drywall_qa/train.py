@@ -2,7 +2,8 @@
 
 One step: the vision encoder runs once per image of the batch (or its activations come from the
 cache when the backbone is frozen), the decoder once per (image, prompt) pair, including negative
-prompts with empty masks. Loss = bce_weight * BCE + dice_weight * soft Dice.
+prompts with empty masks. Loss = bce_weight * BCE + dice_weight * soft Dice (+ cldice_weight * soft
+clDice on the prompts of `cldice_datasets`, the thin structures).
 
 Checkpoints (`<work_dir>/best/`, `<work_dir>/last/`) are `save_pretrained` folders with the
 processor and `training_state.json`; `last/` also holds `optimizer_state.pt` (optimizer, scheduler,
@@ -113,6 +114,8 @@ class TrainConfig:
     ema_decay: float = 0.0  # > 0: validate and publish an exponential moving average of the weights
     augment_scale: tuple[float, float] = (0.9, 1.1)  # resize mode: the affine's zoom range
     augment_color: float = 0.0  # resize mode: colour jitter strength (data.ResizeAugment)
+    cldice_weight: float = 0.0  # > 0: soft clDice on the pairs of `cldice_datasets`' prompts
+    cldice_datasets: tuple[str, ...] = ("cracks",)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
 
     def __post_init__(self) -> None:
@@ -121,13 +124,22 @@ class TrainConfig:
             object.__setattr__(self, "inference", InferenceConfig.from_params(self.inference))
         object.__setattr__(self, "crop_scale_jitter", tuple(float(v) for v in self.crop_scale_jitter))
         object.__setattr__(self, "augment_scale", tuple(float(v) for v in self.augment_scale))
+        object.__setattr__(self, "cldice_datasets", tuple(str(v) for v in self.cldice_datasets))
         if self.conv_stem is not None:
             object.__setattr__(self, "conv_stem", tuple(int(v) for v in self.conv_stem))
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> TrainConfig:
         model, train = params["model"], params["train"]
-        optional = {"crop_scale_jitter", "crop_foreground_prob", "ema_decay", "augment_scale", "augment_color"}
+        optional = {
+            "crop_scale_jitter",
+            "crop_foreground_prob",
+            "ema_decay",
+            "augment_scale",
+            "augment_color",
+            "cldice_weight",
+            "cldice_datasets",
+        }
         names = {name for name in cls.__dataclass_fields__} - {
             "seed",
             "lr",
@@ -195,6 +207,8 @@ class TrainConfig:
             raise TrainConfigError("bce_weight and dice_weight must be >= 0 and not both 0")
         if self.early_stopping_patience < 1:
             raise TrainConfigError("train.early_stopping_patience must be >= 1")
+        if self.cldice_weight < 0:
+            raise TrainConfigError(f"train.cldice_weight must be >= 0 (0 = off), got {self.cldice_weight}")
         if not 0 <= self.ema_decay < 1:
             raise TrainConfigError(f"train.ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
         self.crop()
@@ -231,24 +245,78 @@ def set_determinism(seed: int, num_threads: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, bce_weight: float, dice_weight: float) -> torch.Tensor:
+def segmentation_loss(
+    logits: torch.Tensor,
+    masks: torch.Tensor,
+    bce_weight: float,
+    dice_weight: float,
+    thin: torch.Tensor | None = None,
+    cldice_weight: float = 0.0,
+) -> torch.Tensor:
     """bce_weight * mean BCE over all pixels + dice_weight * mean soft Dice loss over the pairs whose
-    mask is not empty.
+    mask is not empty (+ cldice_weight * mean soft clDice loss over the non-empty pairs that `thin`
+    marks).
 
     Dice is left out for empty masks: there it is ~1 for any prediction short of exactly zero, and
     with negative prompts (half the pairs) it drags every logit down, prompt-blind, before the model
     has learnt to tell prompts apart; training then sits at "predict nothing". BCE covers empty masks.
+    clDice (Shit et al. 2021) compares soft skeletons: it rewards a crack traced end to end over a
+    thick blob on part of it, which area overlap alone hardly tells apart for a 2 px line.
     """
     logits = logits.float()
-    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, masks)
+    loss = bce_weight * torch.nn.functional.binary_cross_entropy_with_logits(logits, masks)
     targets = masks.flatten(1)
     non_empty = targets.sum(1) > 0
     if not non_empty.any():
-        return bce_weight * bce
+        return loss
     probs = torch.sigmoid(logits).flatten(1)[non_empty]
-    targets = targets[non_empty]
-    dice = 1 - (2 * (probs * targets).sum(1) + 1) / (probs.sum(1) + targets.sum(1) + 1)
-    return bce_weight * bce + dice_weight * dice.mean()
+    dice = 1 - (2 * (probs * targets[non_empty]).sum(1) + 1) / (probs.sum(1) + targets[non_empty].sum(1) + 1)
+    loss = loss + dice_weight * dice.mean()
+    if cldice_weight > 0 and thin is not None and (non_empty & thin).any():
+        selected = non_empty & thin
+        loss = loss + cldice_weight * soft_cldice_loss(logits[selected].unsqueeze(1), masks[selected].unsqueeze(1))
+    return loss
+
+
+def soft_cldice_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """MONAI's soft clDice loss of `[N, 1, H, W]` logits against binary masks, averaged over the pairs."""
+    # imported here: MONAI takes seconds to import, and only runs with train.cldice_weight > 0 need it
+    from monai.losses import SoftclDiceLoss
+
+    return SoftclDiceLoss(iter_=3, sigmoid=True)(logits, masks)
+
+
+def thin_prompts(config: TrainConfig, prompts_of_dataset: dict[str, list[str]]) -> list[str]:
+    """The prompts clDice applies to: those of `config.cldice_datasets` (none while it is off)."""
+    if config.cldice_weight <= 0:
+        return []
+    unknown = sorted(set(config.cldice_datasets) - set(prompts_of_dataset))
+    if unknown:
+        raise TrainConfigError(
+            f"train.cldice_datasets names {unknown}, which the manifest lacks (datasets: {sorted(prompts_of_dataset)})"
+        )
+    return [prompt for name in config.cldice_datasets for prompt in prompts_of_dataset[name]]
+
+
+def thin_pairs(prompt_index: torch.Tensor, dataset: SegmentationDataset, config: TrainConfig) -> torch.Tensor | None:
+    """Which pairs (by `prompt_index` into `dataset.prompt_list`) clDice applies to; None when it is off."""
+    prompts = thin_prompts(config, dataset.prompts_of_dataset)
+    if not prompts:
+        return None
+    thin = torch.tensor([dataset.prompt_index[prompt] for prompt in prompts], dtype=prompt_index.dtype)
+    return torch.isin(prompt_index, thin.to(prompt_index.device))
+
+
+def pair_loss(
+    logits: torch.Tensor,
+    masks: torch.Tensor,
+    prompt_index: torch.Tensor,
+    dataset: SegmentationDataset,
+    config: TrainConfig,
+) -> torch.Tensor:
+    """`segmentation_loss` of a batch's pairs with the config's weights."""
+    thin = thin_pairs(prompt_index.to(logits.device), dataset, config)
+    return segmentation_loss(logits, masks, config.bce_weight, config.dice_weight, thin, config.cldice_weight)
 
 
 def pair_scores(logits: torch.Tensor, masks: torch.Tensor, threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -360,6 +428,7 @@ def train(
     device_ = select_device(device)
     rows = read_manifest(manifest_path)
     prompts = prompts_by_dataset(rows)
+    thin_prompts(config, prompts)  # a bad train.cldice_datasets fails here, before the model is built
     train_records, val_records = image_records(rows, "train", root), image_records(rows, "val", root)
     fingerprint = config_fingerprint(config, manifest_path)
 
@@ -727,7 +796,7 @@ def _train_epoch(
     loss_sum, pairs = 0.0, 0
     for batch in batches:
         logits, masks = forward(batch, dataset)
-        loss = segmentation_loss(logits, masks, config.bce_weight, config.dice_weight)
+        loss = pair_loss(logits, masks, batch["prompt_index"], dataset, config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip > 0:
@@ -765,7 +834,7 @@ def validate(
     ious, dices, positive = [], [], []
     for batch in loader:
         logits, masks = forward.native(batch, config) if config.inference.native else forward(batch, val_set)
-        loss_sum += segmentation_loss(logits, masks, config.bce_weight, config.dice_weight).item() * len(masks)
+        loss_sum += pair_loss(logits, masks, batch["prompt_index"], val_set, config).item() * len(masks)
         pairs += len(masks)
         iou, dice = pair_scores(logits, masks)
         ious.append(iou.cpu())
