@@ -159,6 +159,80 @@ def full_run_record(name: str, folder: Path, prompts: dict[str, list[str]]) -> d
     return record
 
 
+def stopped_run_record(name: str, history: Path, reference: Path) -> dict[str, Any]:
+    """A real run stopped before its end, against the reference run at the same epoch: their per-epoch
+    val mIoU (all prompts, plain view, threshold 0.5; train's validation) and seconds per epoch. The
+    reference's values are copied in, so the record keeps its meaning when the reference is replaced."""
+    with open(history, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    with open(reference, newline="") as handle:
+        reference_rows = {row["epoch"]: row for row in csv.DictReader(handle)}
+    if not rows:
+        raise SystemExit(f"{history} has no epochs")
+    last = rows[-1]
+    if last["epoch"] not in reference_rows:
+        raise SystemExit(f"{reference} has no epoch {last['epoch']} to compare {history} with")
+    compared = [reference_rows[row["epoch"]] for row in rows]
+    return {
+        "name": name,
+        "history": str(history),
+        "reference": str(reference),
+        "epochs_run": int(last["epoch"]),
+        "val_miou": round(float(last["val_miou"]), 4),
+        "val_loss": round(float(last["val_loss"]), 4),
+        "reference_val_miou": round(float(compared[-1]["val_miou"]), 4),
+        "reference_val_loss": round(float(compared[-1]["val_loss"]), 4),
+        "seconds_per_epoch": round(sum(float(row["seconds"]) for row in rows) / len(rows), 1),
+        "reference_seconds_per_epoch": round(sum(float(row["seconds"]) for row in compared) / len(compared), 1),
+    }
+
+
+def stopped_runs_markdown(runs: list[dict[str, Any]]) -> list[str]:
+    if not runs:
+        return []
+    lines = [
+        "",
+        "## Real runs stopped early, on val",
+        "",
+        "Stopped once they trailed the recipe clearly, to spend the time on other levers: each run's per-epoch",
+        "val (all prompts, plain view, threshold 0.5, as training validates) against the reference run's at",
+        "the same epoch, and both runs' seconds per epoch over those epochs.",
+        "",
+        "| run | history | stopped after epoch | val mIoU | reference | its val mIoU then | val loss (reference) "
+        "| s / epoch (reference) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        lines.append(
+            f"| {run['name']} | `{run['history']}` | {run['epochs_run']} | {run['val_miou']} | `{run['reference']}` "
+            f"| {run['reference_val_miou']} | {run['val_loss']} ({run['reference_val_loss']}) "
+            f"| {run['seconds_per_epoch']:.0f} ({run['reference_seconds_per_epoch']:.0f}) |"
+        )
+    return lines
+
+
+def add_runs(args: argparse.Namespace) -> int:
+    """--full-run / --stopped-run: add those records to the --out folder's ablation (replacing same names)."""
+    out_file = args.out / "ablation.json"
+    document = json.loads(out_file.read_text()) if out_file.is_file() else {"records": [], "variants": {}}
+    runs = {run["name"]: run for run in document.get("full_runs", [])}
+    for text in args.full_run:
+        name, _, folder = text.partition("=")
+        runs[name] = full_run_record(name, Path(folder), load_params(args.params)["prompts"])
+    document["full_runs"] = list(runs.values())
+    stopped = {run["name"]: run for run in document.get("stopped_runs", [])}
+    for text in args.stopped_run:
+        name, _, history = text.partition("=")
+        stopped[name] = stopped_run_record(
+            name, Path(history), args.reference_history or args.out / "train_history.csv"
+        )
+    if stopped:
+        document["stopped_runs"] = list(stopped.values())
+    write_json_atomic(out_file, document)
+    write_text_atomic(args.out / "ablation.md", markdown(document))
+    return 0
+
+
 def run_variant(
     name: str, params: dict[str, Any], manifest: Path, root: Path, also_score: list[str], log_dir: Path
 ) -> dict[str, Any]:
@@ -275,6 +349,7 @@ def markdown(document: dict[str, Any]) -> str:
                     f"| as {key[3:]} | {scores.get('val.cracks.miou', '')} | {scores.get('val.taping.miou', '')} "
                     f"| {scores['val.all.miou']} |"
                 )
+    lines += stopped_runs_markdown(document.get("stopped_runs", []))
     lines += views_markdown(document.get("views", []))
     return "\n".join(lines) + "\n"
 
@@ -356,22 +431,27 @@ def main() -> int:
         metavar="NAME=DIR",
         help="add a finished real run's val scores (DIR holds its eval.json and train.json)",
     )
+    parser.add_argument(
+        "--stopped-run",
+        action="append",
+        default=[],
+        metavar="NAME=HISTORY_CSV",
+        help="add a real run stopped early (its train_history.csv), compared per epoch with --reference-history",
+    )
+    parser.add_argument(
+        "--reference-history",
+        type=Path,
+        metavar="CSV",
+        help="with --stopped-run: the run to compare with (default: OUT/train_history.csv, the recipe's)",
+    )
     args = parser.parse_args()
-    if not args.full_run and not args.variant:
+    adding = bool(args.full_run or args.stopped_run)
+    if not adding and not args.variant:
         parser.error("--variant is required (a variant to train, or the name of the --score-checkpoint)")
-    if not args.full_run and not args.score_checkpoint and args.epochs is None:
+    if not adding and not args.score_checkpoint and args.epochs is None:
         parser.error("--epochs is required to train variants")
-    if args.full_run:
-        out_file = args.out / "ablation.json"
-        document = json.loads(out_file.read_text()) if out_file.is_file() else {"records": [], "variants": {}}
-        runs = {run["name"]: run for run in document.get("full_runs", [])}
-        for text in args.full_run:
-            name, _, folder = text.partition("=")
-            runs[name] = full_run_record(name, Path(folder), load_params(args.params)["prompts"])
-        document["full_runs"] = list(runs.values())
-        write_json_atomic(out_file, document)
-        write_text_atomic(args.out / "ablation.md", markdown(document))
-        return 0
+    if adding:
+        return add_runs(args)
     if args.score_checkpoint and args.score_views:
         return score_views(args)
     if args.score_checkpoint:

@@ -110,3 +110,27 @@ def test_training_mode_needs_epochs_and_a_finished_run_needs_neither(tmp_path, m
     assert ablate_real.main() == 0
     (record,) = json.loads((tmp_path / "ablation.json").read_text())["full_runs"]
     assert record["val.cracks.miou"] == 0.4 and record["val.taping.miou"] == 0.5 and record["train_seconds"] == 100.0
+
+
+def write_history(path: Path, rows: list[tuple[int, float, float, float]]) -> None:
+    lines = ["epoch,train_loss,val_loss,val_miou,val_dice,lr,seconds"]
+    lines += [f"{epoch},1.0,{loss},{miou},0.5,0.0001,{seconds}" for epoch, loss, miou, seconds in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_a_stopped_run_is_compared_with_the_reference_at_its_last_epoch(tmp_path, monkeypatch):
+    reference, stopped = tmp_path / "train_history.csv", tmp_path / "small.csv"
+    write_history(reference, [(1, 0.9, 0.10, 70.0), (2, 0.8, 0.30, 72.0), (3, 0.7, 0.35, 74.0)])
+    write_history(stopped, [(1, 0.95, 0.05, 110.0), (2, 0.85, 0.20, 120.0)])
+    base = ["ablate_real.py", "--manifest", "m.csv", "--root", ".", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", [*base, "--stopped-run", f"small={stopped}"])
+    assert ablate_real.main() == 0
+    (record,) = json.loads((tmp_path / "ablation.json").read_text())["stopped_runs"]
+    assert record["epochs_run"] == 2 and record["val_miou"] == 0.2 and record["reference_val_miou"] == 0.3
+    assert record["seconds_per_epoch"] == 115.0 and record["reference_seconds_per_epoch"] == 71.0
+    table = (tmp_path / "ablation.md").read_text()
+    assert "| small | " in table and "| 2 | 0.2 |" in table and "| 115 (71) |" in table
+    # a stopped run longer than its reference cannot be compared
+    write_history(stopped, [(epoch, 0.5, 0.4, 100.0) for epoch in range(1, 5)])
+    with pytest.raises(SystemExit, match="has no epoch 4"):
+        ablate_real.main()
