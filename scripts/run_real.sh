@@ -49,6 +49,11 @@ out="${REAL_OUT_DIR:-metrics/real}"
 # (metrics/real_ema), within noise but not lower on either dataset, and train loss ends higher (0.58 vs
 # 0.54) at the same val loss, i.e. it overfits less; kept. Its train time (2183 s vs 3991 s) reflects a
 # faster machine that day (epoch 1: 81 s vs 157 s), not the lever.
+# Not kept (metrics/real/ablation.md): soft clDice 0.5 on the crack prompts (train.cldice_weight; val
+# 0.394 / 0.439, both lower, and ~1.5x the time per epoch: MONAI's soft skeleton runs on every crack
+# pair at 224 px; metrics/real_cldice/); the `small` preset (4.05 M parameters against 1.01 M), stopped
+# at epoch 14, when its per-epoch val trailed this recipe's at the same epoch (0.349 vs 0.376) at 1.6x
+# the time per epoch, so 30 epochs would not fit 90 minutes on a slow day (metrics/real_small_stopped/).
 # Two torch threads (TRAIN_THREADS), for training and (OMP_NUM_THREADS) evaluation: alone on a 2-core
 # machine they run 1.4x faster than one; on a busy machine set TRAIN_THREADS=1 (two threads then
 # oversubscribe and ran 4-6x slower). Native CPU kernels: the real run is not gated, so it takes the
