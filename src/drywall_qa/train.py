@@ -426,10 +426,7 @@ def train(
     work = Path(work_dir) if work_dir is not None else output_dir
     set_determinism(config.seed, config.num_threads)
     device_ = select_device(device)
-    rows = read_manifest(manifest_path)
-    prompts = prompts_by_dataset(rows)
-    thin_prompts(config, prompts)  # a bad train.cldice_datasets fails here, before the model is built
-    train_records, val_records = image_records(rows, "train", root), image_records(rows, "val", root)
+    prompts, train_records, val_records = _read_splits(config, manifest_path, root)
     fingerprint = config_fingerprint(config, manifest_path)
 
     resume_state = _resume_state_or_clear(work, fingerprint, log)
@@ -480,6 +477,15 @@ def train(
     write_history(history_path, run.history)
     write_json(metrics_path, summary)
     return summary
+
+
+def _read_splits(config: TrainConfig, manifest_path: str | Path, root: str | Path) -> tuple[dict, list, list]:
+    """The manifest's prompts per dataset and its train and val images. A bad `train.cldice_datasets`
+    fails here, before a model is built."""
+    rows = read_manifest(manifest_path)
+    prompts = prompts_by_dataset(rows)
+    thin_prompts(config, prompts)
+    return prompts, image_records(rows, "train", root), image_records(rows, "val", root)
 
 
 def _resumed_run(
