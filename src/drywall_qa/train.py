@@ -270,10 +270,11 @@ def segmentation_loss(
     if not non_empty.any():
         return loss
     probs = torch.sigmoid(logits).flatten(1)[non_empty]
-    dice = 1 - (2 * (probs * targets[non_empty]).sum(1) + 1) / (probs.sum(1) + targets[non_empty].sum(1) + 1)
+    targets = targets[non_empty]
+    dice = 1 - (2 * (probs * targets).sum(1) + 1) / (probs.sum(1) + targets.sum(1) + 1)
     loss = loss + dice_weight * dice.mean()
-    if cldice_weight > 0 and thin is not None and (non_empty & thin).any():
-        selected = non_empty & thin
+    selected = non_empty & thin if cldice_weight > 0 and thin is not None else None
+    if selected is not None and selected.any():
         loss = loss + cldice_weight * soft_cldice_loss(logits[selected].unsqueeze(1), masks[selected].unsqueeze(1))
     return loss
 
