@@ -48,8 +48,12 @@ def train_stage(stage: Stage) -> str:
 
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar per checkpoint in the stage log
 
+    logged_epochs: set[int] = set()
+
     def log_epoch(row: dict) -> None:
-        mlflow.log_metrics({key: value for key, value in row.items() if key != "epoch"}, step=row["epoch"])
+        # a resume replays the epochs before it: log only those a kill kept from reaching MLflow
+        if row["epoch"] not in logged_epochs:
+            mlflow.log_metrics({key: value for key, value in row.items() if key != "epoch"}, step=row["epoch"])
 
     config = TrainConfig.from_params(stage.params)
     # A run killed mid-training resumes from last/ and continues its own MLflow run.
@@ -57,6 +61,9 @@ def train_stage(stage: Stage) -> str:
     with stage.tracked(resume_run_id=resume_id) as run:
         if resume_id is None:
             log_dataset(paths.MANIFEST, name="manifest", context="train")
+        else:
+            history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")
+            logged_epochs.update(metric.step for metric in history)
         summary = train(
             config,
             manifest_path=paths.MANIFEST,

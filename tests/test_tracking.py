@@ -152,6 +152,7 @@ PIPELINE_PARAMS = {"seed": 1, "data": {"source": "synthetic"}, "model": {"weight
 
 def test_the_parent_spans_its_execution_and_holds_what_people_compare(store, monkeypatch):
     monkeypatch.setattr(tracking, "git_commit", lambda root: "0123456789abcdef")
+    monkeypatch.setattr(tracking, "dvc_execution_id", lambda: f"{__import__('os').getpid()}-1")
     with tracking.stage_run("train", params={}, all_params=PIPELINE_PARAMS):
         tracking.log_to_pipeline({"train.best_val_miou": 0.3})
     (parent,) = _parents(store)
@@ -200,6 +201,38 @@ def test_a_killed_stage_kills_the_parent_and_the_rerun_continues_it(store, monke
     with tracking.stage_run("download", params={}, all_params=PIPELINE_PARAMS):
         pass
     assert sorted(r.info.status for r in _parents(store)) == ["FINISHED", "RUNNING"]
+
+
+def _stage_by_hand_then_sigkill(root: str) -> None:
+    import os
+    import signal
+
+    os.environ["DVC_ROOT"] = root
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    with tracking.stage_run("train", params={}, all_params=PIPELINE_PARAMS):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_stages_run_by_hand_share_a_parent_that_is_never_left_running(store):
+    for stage in ("download", "convert"):  # `python stages/<stage>.py`: no dvc process above
+        with tracking.stage_run(stage, params={}, all_params=PIPELINE_PARAMS):
+            assert _parents(store)[0].info.status == "RUNNING"
+        (parent,) = _parents(store)
+        assert parent.info.status == "FINISHED"  # nothing above the stage would ever end it
+        assert parent.data.tags[tracking.EXECUTION_TAG] == "by-hand"
+    children = [r.info.run_name for r in _runs(store) if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(children) == ["convert", "download"]  # one parent for both hand-run stages
+
+    import multiprocessing
+
+    process = multiprocessing.get_context("spawn").Process(target=_stage_by_hand_then_sigkill, args=(str(store),))
+    process.start()
+    process.join(120)
+    assert process.exitcode == -9
+    assert _parents(store)[0].info.status == "RUNNING"  # what the killed stage left
+    assert _parents(store)[0].data.tags[tracking.PID_TAG] != str(__import__("os").getpid())
+    tracking.close_dead_runs(mlflow.MlflowClient(), _parents(store)[0].info.experiment_id)
+    assert _parents(store)[0].info.status == "KILLED"  # its train child never finished
 
 
 def test_a_parent_whose_dvc_process_died_is_closed_from_its_stages(store, monkeypatch):

@@ -6,6 +6,8 @@ Input: a pandas DataFrame with string columns
   model opted in with the environment variable `DRYWALL_QA_PYFUNC_LOCAL_PATHS=1`: under
   `mlflow models serve` any client could otherwise make the server read (and probe) its own files.
 - `prompt`: the text prompt, e.g. `segment crack`.
+An image whose width x height is over `DRYWALL_QA_PYFUNC_MAX_IMAGE_PIXELS` (default 50 million,
+set by whoever runs the server) is refused before it is decoded.
 Params: `threshold` (a pixel whose probability is >= it is in the mask). By default each prompt
 uses the rule evaluation chose for it on val (the model's `thresholds.json`: its threshold, and
 whether its components are snapped to their bounding boxes; 0.5 and unsnapped for a prompt it has
@@ -26,6 +28,7 @@ import base64
 import binascii
 import io
 import os
+import warnings
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -49,6 +52,10 @@ INPUT_COLUMNS = ("image", "prompt")
 
 
 LOCAL_PATHS_ENV = "DRYWALL_QA_PYFUNC_LOCAL_PATHS"
+MAX_PIXELS_ENV = "DRYWALL_QA_PYFUNC_MAX_IMAGE_PIXELS"
+# the download stage's default cap (data.local.max_image_pixels): far above any phone photo, far below
+# the ~179 MP at which PIL itself refuses; a served request is decoded in the server's memory
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 
 
 class ImageInputError(DrywallQAError, ValueError):
@@ -63,31 +70,66 @@ def local_paths_allowed() -> bool:
     return os.environ.get(LOCAL_PATHS_ENV, "").strip().lower() in {"1", "true", "yes"}
 
 
-def decode_image(value: str, allow_paths: bool | None = None) -> Image.Image:
+def max_image_pixels() -> int:
+    """The server's cap on a request image's width x height (`DRYWALL_QA_PYFUNC_MAX_IMAGE_PIXELS`)."""
+    configured = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not configured:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    if not configured.isdigit() or int(configured) <= 0:
+        raise ModelInputError(f"{MAX_PIXELS_ENV} must be a positive whole number of pixels, got {configured!r}")
+    return int(configured)
+
+
+def _open_within_limit(source: str | io.BytesIO, shown: str, limit: int) -> Image.Image:
+    """Open lazily, check the size the header declares, and only then decode: a small file can
+    declare a huge image (a decompression bomb)."""
+    try:
+        with warnings.catch_warnings():  # ours is the limit that applies; PIL's warning would only repeat it
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source) as handle:
+                pixels = handle.width * handle.height
+                if pixels > limit:
+                    raise ImageInputError(
+                        f"image {shown} is {handle.width}x{handle.height} = {pixels} pixels, over the limit of "
+                        f"{limit} ({MAX_PIXELS_ENV})"
+                    )
+                return handle.convert("RGB")
+    except Image.DecompressionBombError:
+        raise ImageInputError(
+            f"image {shown} declares more pixels than PIL decodes, over the limit of {limit} ({MAX_PIXELS_ENV})"
+        ) from None
+
+
+def decode_image(value: str, allow_paths: bool | None = None, pixel_limit: int | None = None) -> Image.Image:
     """An `image` cell as an RGB PIL image (see the module docstring for the accepted forms).
 
     `allow_paths`: read a string naming an existing file as a path; None follows the environment
     opt-in. Without it, the error never says whether a file exists (no probing of the server).
+    `pixel_limit`: the largest width x height accepted; None follows `max_image_pixels()`.
     """
     if not isinstance(value, str) or not value:
         raise ImageInputError(f"image must be a non-empty string (base64), got {type(value).__name__}")
     allow_paths = local_paths_allowed() if allow_paths is None else allow_paths
+    limit = max_image_pixels() if pixel_limit is None else pixel_limit
+    shown = repr(value if len(value) <= 80 else value[:77] + "...")
     if allow_paths and len(value) < 4096 and os.path.isfile(value):
-        with Image.open(value) as handle:
-            return handle.convert("RGB")
+        try:
+            return _open_within_limit(value, shown, limit)
+        except (OSError, ValueError, SyntaxError) as error:  # UnidentifiedImageError is an OSError
+            raise ImageInputError(
+                f"image file {value} is not an image PIL can read ({' '.join(str(error).split())[:200]})"
+            ) from None
     payload = value.split(",", 1)[1] if value.startswith("data:") else value
     try:
         raw = base64.b64decode(payload, validate=True)
-        with Image.open(io.BytesIO(raw)) as handle:
-            return handle.convert("RGB")
-    except (binascii.Error, ValueError, OSError):
-        shown = value if len(value) <= 80 else value[:77] + "..."
+        return _open_within_limit(io.BytesIO(raw), "(base64)", limit)
+    except ImageInputError:
+        raise  # over the pixel limit: a ValueError too, but its own message says what is wrong
+    except (binascii.Error, ValueError, OSError, SyntaxError):
         if allow_paths:
-            raise ImageInputError(
-                f"image {shown!r} is neither an existing file nor base64-encoded image bytes"
-            ) from None
+            raise ImageInputError(f"image {shown} is neither an existing file nor base64-encoded image bytes") from None
         raise ImageInputError(
-            f"image {shown!r} is not base64-encoded image bytes (file paths are read only with {LOCAL_PATHS_ENV}=1)"
+            f"image {shown} is not base64-encoded image bytes (file paths are read only with {LOCAL_PATHS_ENV}=1)"
         ) from None
 
 

@@ -38,6 +38,7 @@ import numpy as np
 import requests
 from PIL import Image, UnidentifiedImageError
 
+from drywall_qa.contracts.atomic import replace_dir
 from drywall_qa.contracts.naming import image_id_of, source_group
 from drywall_qa.contracts.roboflow import (
     COCO_ANNOTATIONS,
@@ -116,8 +117,17 @@ def fetch_raw_data(
             return _fill_roboflow(staging, data_params["roboflow"], str(api_key), data_params["local"])
         return _fill_local(staging, data_params["local"], seed, Path(repo_root))
 
+    def in_user_terms(message: str, staging: Path) -> str:
+        for name in (data_params.get("local") or {}).get("datasets") or {}:
+            message = name_user_files(message, staging / name, user_origin(data_params, name, Path(repo_root)))
+        return message
+
     def checked_fill(staging: Path) -> dict[str, Any]:
-        record = fill(staging)
+        try:
+            # fill() reads the staging copy too (describe_export): its errors must name the user's files
+            record = fill(staging)
+        except DrywallQAError as error:
+            raise type(error)(in_user_terms(str(error), staging)) from None
         if validate is not None:
             for name in record["datasets"]:
                 try:
@@ -174,13 +184,8 @@ def write_raw_atomically(raw_dir: Path, fill: Callable[[Path], dict[str, Any]]) 
     try:
         record = fill(staging)
         (staging / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        if raw_dir.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{raw_dir.name}-old-", dir=raw_dir.parent))
-            os.replace(raw_dir, retired / raw_dir.name)
-            os.replace(staging, raw_dir)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, raw_dir)
+        # the same lock as every other folder swap: two downloads take turns, the last one wins
+        replace_dir(staging, raw_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -390,9 +395,15 @@ def import_local_export(source: Path, dest: Path, max_image_pixels: int, limit: 
             check_image_pixels(root, max_image_pixels)
         export_format = detect_format(root)
         keep = None
-        if limit > 0:
-            available = len(list_images(root, export_format))
-            keep = select_slice(root, export_format, limit, seed)
+        try:
+            if limit > 0:
+                available = len(list_images(root, export_format))
+                keep = select_slice(root, export_format, limit, seed)
+        except ExportFormatError as error:
+            if not source.is_file():
+                raise
+            # the unpacked copy is gone once this returns: name the member inside the user's zip
+            raise ExportFormatError(name_user_files(str(error), unpacked, f"{source}:")) from None
         copy_export(root, dest, export_format, keep)
     record: dict[str, Any] = {"kind": "zip" if source.is_file() else "folder", **describe_export(dest)}
     if keep is not None:

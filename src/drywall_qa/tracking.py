@@ -15,6 +15,8 @@ Grouping: stages of one execution share a parent run, found by the tag `drywall_
   KILLED when a stage dies. A parent whose `dvc` process is gone (SIGKILL, or a partial
   `dvc repro <stage>` that ended before `report`) is closed when the next stage starts: KILLED if a
   stage of it did not finish, else FINISHED;
+- stages run by hand (`python stages/<stage>.py`, no dvc process) share one parent per key, the
+  `by-hand` execution: each stage reopens it and finishes it when it ends, since none may follow;
 - the parent carries every param, tags (data source, weights, DVC experiment, baseline), the
   headline metrics the stages log onto it (`log_to_pipeline`) and each stage's wall time
   (`stage_seconds.<stage>`); the report stage writes its description.
@@ -53,6 +55,7 @@ DEFAULT_EXPERIMENT = "drywall-qa"
 HOST_TAG = "drywall_qa.host"
 PID_TAG = "drywall_qa.pid"
 EXECUTION_TAG = "drywall_qa.execution"  # `<pid>-<start time>` of the dvc process that last ran a stage of it
+BY_HAND = "by-hand"  # the execution of stages run without dvc
 DESCRIPTION_TAG = "mlflow.note.content"  # what the MLflow UI shows as a run's (or experiment's) description
 LAST_STAGE = "report"  # its end finishes the parent run
 EXPERIMENT_DESCRIPTION = (
@@ -217,10 +220,11 @@ def configure(experiment: str = DEFAULT_EXPERIMENT) -> str:
 
 
 def _execution_tags() -> dict[str, str]:
-    """Who runs the pipeline: the dvc process (its pid is watched by `close_dead_runs`); none by hand."""
+    """Who runs the pipeline: the dvc process, or a stage run by hand (`python stages/train.py`); the
+    pid is watched by `close_dead_runs`. Stages run by hand share one execution, `by-hand`."""
     execution = dvc_execution_id()
     if execution is None:
-        return {}
+        return {EXECUTION_TAG: BY_HAND, PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
     return {EXECUTION_TAG: execution, PID_TAG: execution.split("-")[0], HOST_TAG: socket.gethostname()}
 
 
@@ -350,7 +354,9 @@ def stage_run(
         client.set_terminated(parent_id, status="FAILED")
         raise
     mlflow.end_run(status="FINISHED")
-    if stage == LAST_STAGE:
+    if stage == LAST_STAGE or dvc_execution_id() is None:
+        # by hand no process above the stage ends the parent, and whether another stage follows is
+        # unknown: the parent finishes with its stage, and the next stage run by hand reopens it
         client.set_terminated(parent_id, status="FINISHED")
 
 

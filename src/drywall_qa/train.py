@@ -420,7 +420,8 @@ def train(
     training; a distinct `output_dir` gets only the published `best/`. Resumes from `work_dir/last/`
     when its fingerprint matches; `tracking_run_id` (the stage's MLflow run) is saved there, so a
     resumed run continues that run (`resumable_run_id`). `cache_dir`: the activation cache's files
-    (frozen backbone only; None: in memory). `on_epoch` gets each history row.
+    (frozen backbone only; None: in memory). `on_epoch` gets each history row (after a resume, first
+    the rows of the epochs before it).
     """
     started = time.perf_counter()
     output_dir, metrics_path, history_path = Path(output_dir), Path(metrics_path), Path(history_path)
@@ -442,7 +443,7 @@ def train(
     optimizer, scheduler = make_optimizer(model, config, math.ceil(len(train_set) / config.batch_size), log)
     average = weight_average(model, config.ema_decay)
 
-    run, start_epoch = _resumed_run(work, resume_state, optimizer, scheduler, average, log)
+    run, start_epoch = _resumed_run(work, resume_state, optimizer, scheduler, average, log, on_epoch)
 
     forward, val_forward = _forwards(model, average, processor, train_set.prompt_list, device_, cache)
     epoch_runner = _EpochRunner(
@@ -467,7 +468,7 @@ def train(
         write_history(history_path, run.history)
         log(_epoch_line(row, val))
         if on_epoch is not None:
-            on_epoch({**row, **{k: v for k, v in val.items() if k not in row}})
+            on_epoch(row)
         if stop:
             log(f"train: early stop after epoch {epoch}: no val mIoU gain for {run.epochs_without_improvement} epochs")
             break
@@ -490,15 +491,25 @@ def _read_splits(config: TrainConfig, manifest_path: str | Path, root: str | Pat
 
 
 def _resumed_run(
-    work: Path, resume_state: dict[str, Any] | None, optimizer, scheduler, average, log: Callable[[str], None]
+    work: Path,
+    resume_state: dict[str, Any] | None,
+    optimizer,
+    scheduler,
+    average,
+    log: Callable[[str], None],
+    on_epoch: Callable[[dict[str, Any]], None] | None,
 ) -> tuple[_Run, int]:
     """The run record and first epoch: fresh, or where `last/` stopped (its optimizer, scheduler,
-    RNG and weight average restored)."""
+    RNG and weight average restored). A resume hands `on_epoch` the rows of the epochs before it
+    again: a kill between an epoch's checkpoint and its callback must not lose that epoch's row."""
     if resume_state is None:
         return _Run(history=[]), 1
     restore_optimizer(work / "last", optimizer, scheduler, average)
     log(f"train: resuming from last/ after epoch {resume_state['epoch']} (config fingerprint matches)")
-    return _Run(**resume_state["run"]), resume_state["epoch"] + 1
+    run = _Run(**resume_state["run"])
+    for row in run.history if on_epoch is not None else []:
+        on_epoch(row)
+    return run, resume_state["epoch"] + 1
 
 
 def _resume_state_or_clear(output_dir: Path, fingerprint: str, log: Callable[[str], None]) -> dict[str, Any] | None:
@@ -606,7 +617,8 @@ class _EpochRunner:
             "lr": self.scheduler.get_last_lr()[0],
             "seconds": time.perf_counter() - epoch_started,
         }
-        return row, val
+        # the row keeps every val score (negative-prompt IoU too), so a replay after a resume has them
+        return row | {key: value for key, value in val.items() if key not in row}, val
 
 
 def _resume_record(
