@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from drywall_qa.cli import boxed_for
+from drywall_qa.contracts.mask_rule import component_boxes, component_boxes_numpy
 from drywall_qa.contracts.masks import binarize, snap_to_boxes
 from drywall_qa.contracts.thresholds import ThresholdsError, read_boxed, read_thresholds, write_thresholds
 
@@ -22,6 +23,21 @@ def test_each_component_becomes_its_bounding_rectangle():
     expected[6, 8] = True
     np.testing.assert_array_equal(snap_to_boxes(mask), expected)
     assert not snap_to_boxes(np.zeros((3, 3), bool)).any()
+
+
+def test_the_numpy_components_are_opencvs_on_random_and_blob_masks():
+    """The ONNX runner's environment has no OpenCV: its labelling must give the same rectangles."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    masks = [rng.random(tuple(rng.integers(1, 30, 2))) < rng.random() for _ in range(300)]
+    for _ in range(5):  # blobs and thin lines, like real probability maps cut at a threshold
+        smooth = cv2.GaussianBlur(rng.random((120, 160)).astype(np.float32), (0, 0), 2.5)
+        masks.append(smooth >= np.quantile(smooth, rng.uniform(0.5, 0.95)))
+    masks += [np.zeros((4, 4), bool), np.ones((3, 5), bool)]
+    for mask in masks:
+        assert sorted(component_boxes_numpy(mask)) == sorted(component_boxes(mask))
+    assert sum(len(component_boxes(mask)) for mask in masks) > 1000  # many components were compared
 
 
 def test_binarize_snaps_only_when_asked():

@@ -1,9 +1,9 @@
 """Mask PNGs: single-channel (mode L), values {0, 255}, the image's original size.
 
-The one reader checks all three and names the file; the one writer is atomic; `binarize` is the one
-rule that turns probabilities into a mask, used by evaluation, `drywall-qa predict` and the MLflow model:
-a threshold, and, for prompts whose val score gains from it, each predicted component snapped to its
-bounding rectangle (the taping ground truth is drawn as boxes).
+The one reader checks all three and names the file; the one writer is atomic. `binarize`, the one
+rule that turns probabilities into a mask (a threshold, and optionally each component snapped to its
+bounding rectangle), lives in `contracts.mask_rule`, which imports numpy only so that the standalone
+ONNX runner shares it; it is re-exported here.
 """
 
 from __future__ import annotations
@@ -11,27 +11,14 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from drywall_qa.contracts.atomic import write_bytes_atomic
 from drywall_qa.contracts.manifest import ManifestError
+from drywall_qa.contracts.mask_rule import binarize, snap_to_boxes
 
-
-def binarize(probs: np.ndarray, threshold: float, boxes: bool = False) -> np.ndarray:
-    """Foreground where the probability reaches the threshold (`>=`); with `boxes`, snapped to boxes."""
-    mask = probs >= threshold
-    return snap_to_boxes(mask) if boxes else mask
-
-
-def snap_to_boxes(mask: np.ndarray) -> np.ndarray:
-    """Each 8-connected foreground component replaced by its axis-aligned bounding rectangle."""
-    count, _, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    snapped = np.zeros(mask.shape, dtype=bool)
-    for x, y, width, height, _ in stats[1:count]:  # row 0 is the background
-        snapped[y : y + height, x : x + width] = True
-    return snapped
+__all__ = ["binarize", "encode_mask", "read_mask", "snap_to_boxes", "write_mask"]
 
 
 def read_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
