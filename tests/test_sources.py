@@ -512,3 +512,48 @@ def test_a_symlink_member_of_a_zip_is_refused(tmp_path, synthetic_exports):
     with pytest.raises(UnsafeArchiveError, match="'train/notes.txt', a symbolic link"):
         fetch_raw_data(local_params({"taping": str(zip_path)}), seed=1, raw_dir=raw_dir, repo_root=tmp_path)
     assert not raw_dir.exists()
+
+
+def _download_with_slow_swaps(raw_dir: str, label: str, barrier) -> None:
+    """One download process whose folder renames each take 0.3 s, so two of them overlap in the swap."""
+    import os
+    import time
+
+    from drywall_qa.sources import write_raw_atomically
+
+    real_replace = os.replace
+
+    def slow_replace(source, target):
+        time.sleep(0.3)
+        real_replace(source, target)
+
+    def fill(staging: Path) -> dict:
+        (staging / "cracks").mkdir()
+        (staging / "cracks" / "from.txt").write_text(label)
+        barrier.wait(60)  # both have filled their staging folder: now both swap at once
+        return {"source": label, "datasets": {}}
+
+    os.replace = slow_replace
+    write_raw_atomically(Path(raw_dir), fill)
+
+
+def test_two_downloads_at_once_take_turns_and_leave_one_complete_data_raw(tmp_path):
+    import multiprocessing
+
+    raw_dir = tmp_path / "data" / "raw"
+    raw_dir.mkdir(parents=True)
+    (raw_dir / "previous.txt").write_text("the last good import")
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(2)
+    processes = [
+        context.Process(target=_download_with_slow_swaps, args=(str(raw_dir), label, barrier)) for label in "ab"
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(120)
+    assert [process.exitcode for process in processes] == [0, 0]  # the second waits for the lock, then swaps
+    winner = json.loads((raw_dir / "source.json").read_text())["source"]
+    assert sorted(p.name for p in raw_dir.iterdir()) == ["cracks", "source.json"]
+    assert (raw_dir / "cracks" / "from.txt").read_text() == winner  # one download's files, whole
+    assert [p.name for p in raw_dir.parent.iterdir() if p.is_dir()] == ["raw"]  # no staging or old copy left

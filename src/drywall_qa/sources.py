@@ -150,6 +150,8 @@ def user_origin(data_params: Mapping[str, Any], name: str, repo_root: Path) -> s
     source = configured if configured.is_absolute() else repo_root / configured
     if source.is_file():
         return f"{source}:"  # members follow: cracks.zip:train/_annotations.coco.json
+    if not source.is_dir():
+        return str(source)
     try:
         return str(find_export_root(source))
     except ExportFormatError:
