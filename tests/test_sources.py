@@ -70,8 +70,10 @@ def roboflow_params() -> dict:
 
 
 def leftovers(parent: Path) -> list[str]:
-    """Temporary folders a failed run could have left beside data/raw."""
-    return [p.name for p in parent.iterdir() if p.name.startswith(".")] if parent.exists() else []
+    """Temporary folders a run could have left beside data/raw (the swap's lock file stays, as git ignores it)."""
+    if not parent.exists():
+        return []
+    return [p.name for p in parent.iterdir() if p.name.startswith(".") and not p.name.endswith(".replace-lock")]
 
 
 # ---------------------------------------------------------------- fake Roboflow API

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -569,3 +571,60 @@ def test_training_with_cldice_on_crack_prompts_runs_and_counts_it_in_the_loss(tm
     # the same seed and data: the clDice term of the crack pairs adds to both the train and the val loss
     assert first_epoch["thin"]["train_loss"] > first_epoch["plain"]["train_loss"]
     assert first_epoch["thin"]["val_loss"] > first_epoch["plain"]["val_loss"]
+
+
+KILL_AFTER_EPOCH_1 = """
+import os, runpy, signal
+import drywall_qa.train as train_module
+
+real_write_history = train_module.write_history
+
+def write_history_then_die(path, history):
+    real_write_history(path, history)
+    if len(history) == 1:  # epoch 1 is checkpointed and in the CSV; MLflow has not been told yet
+        os.kill(os.getpid(), signal.SIGKILL)
+
+train_module.write_history = write_history_then_die
+runpy.run_path("stages/train.py", run_name="__main__")
+"""
+
+
+def test_a_kill_after_an_epochs_checkpoint_loses_no_epoch_from_mlflow(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from drywall_qa.checkpoint import read_history
+
+    repo = Path(__file__).resolve().parents[1]
+    make_manifest(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "manifest.csv").rename(tmp_path / "data" / "manifest.csv")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["model"].update(preset="tiny", weights=None, image_size=32)
+    params["train"].update(epochs=3, warmup_epochs=0, num_threads=1, batch_size=4)
+    params["cpu_numerics"] = "native"  # the driver imports torch before the stage could pin portable kernels
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copytree(repo / "stages", tmp_path / "stages")
+    for name in ("dvc.yaml", "pyproject.toml"):
+        shutil.copy(repo / name, tmp_path / name)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
+    env.pop("DVC_ROOT", None)
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_EPOCH_1], cwd=tmp_path, env=env, capture_output=True)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    resumed = subprocess.run([sys.executable, "stages/train.py"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from last/ after epoch 1" in resumed.stdout + resumed.stderr
+
+    history = read_history(tmp_path / "plots" / "train_history.csv")
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    (run,) = [r for r in client.search_runs(client.search_experiments()[0].experiment_id) if r.info.run_name == "train"]
+    for key in ("train_loss", "val_loss", "val_miou", "val_dice", "lr"):
+        logged = client.get_metric_history(run.info.run_id, key)
+        # every epoch once, the one the kill kept from MLflow included, with the CSV's values
+        assert sorted(metric.step for metric in logged) == [1, 2, 3], key
+        by_step = {metric.step: metric.value for metric in logged}
+        for row in history:
+            assert by_step[int(row["epoch"])] == pytest.approx(row[key], rel=1e-5, abs=1e-7), (key, row["epoch"])
