@@ -1,7 +1,11 @@
-"""`drywall-qa` command line: `drywall-qa predict` writes masks for images with a trained model.
+"""`drywall-qa` command line: `drywall-qa predict` writes masks for images with a trained model;
+`drywall-qa export` writes the model as one ONNX file that `predict --runtime onnx` (or the
+standalone `drywall_qa.onnx_runtime`) runs with ONNX Runtime.
 
     drywall-qa predict --model models/clipseg/best --out masks/ photos/ extra.jpg
     drywall-qa predict --model models:/drywall-qa-clipseg/1 --thresholds-from metrics/eval.json --out masks/ photos/
+    drywall-qa export --model models:/drywall-qa-clipseg@champion --out model.onnx
+    drywall-qa predict --runtime onnx --model model.onnx --out masks/ photos/
 
 Masks follow the project's contract: `<out>/<image_id>__<prompt_slug>.png`, single-channel, values
 {0, 255}, the image's original size (pixels as stored: no EXIF rotation, like the training data).
@@ -17,10 +21,11 @@ import argparse
 import re
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from drywall_qa.contracts.masks import binarize, write_mask
@@ -181,21 +186,17 @@ class PredictSummary:
 
 
 def predict_to_folder(
-    model,
-    processor,
+    probs_of: Callable[[list[Image.Image], list[str]], list[np.ndarray]],
     paths: Sequence[Path],
     prompts: Sequence[str],
     thresholds: dict[str, float],
     out_dir: Path,
-    device: str | None = None,
     batch_size: int = 8,
     boxed: frozenset[str] = frozenset(),
 ) -> PredictSummary:
-    """Masks of every readable image for every prompt; images go to the model `batch_size` at a
-    time, each image through the vision encoder once for all prompts."""
+    """Masks of every readable image for every prompt; images go to `probs_of` (PyTorch's or ONNX
+    Runtime's `predict_probs`) `batch_size` at a time, each through the vision encoder once for all prompts."""
     from tqdm import tqdm
-
-    from drywall_qa.inference import predict_probs
 
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = PredictSummary()
@@ -209,9 +210,7 @@ def predict_to_folder(
                 summary.skipped.append(str(error))
                 print(f"drywall-qa: {error} (skipped)", file=sys.stderr)
         if batch:
-            probs = predict_probs(
-                model, processor, [image for _, image in batch], list(prompts), device=device, batch_size=batch_size
-            )
+            probs = probs_of([image for _, image in batch], list(prompts))
             for (path, _), image_probs in zip(batch, probs, strict=True):
                 for prompt, prob in zip(prompts, image_probs, strict=True):
                     mask = binarize(prob, thresholds[prompt], boxes=prompt in boxed)
@@ -223,6 +222,56 @@ def predict_to_folder(
     return summary
 
 
+def load_checkpoint(model_dir: Path):
+    from drywall_qa.model import load_model
+
+    try:
+        return load_model(model_dir)
+    except (OSError, ValueError) as error:
+        raise CliError(f"cannot load the model in {model_dir}: {' '.join(str(error).split())[:300]}") from None
+
+
+def torch_predictor(model: str, download_dir: Path, device: str | None, batch_size: int):
+    """`(probs_of, carried thresholds, carried snapped prompts)` of a checkpoint folder or MLflow model."""
+    from drywall_qa.inference import predict_probs
+
+    model_dir = resolve_model_dir(model, download_dir)
+    carried = model_thresholds(download_dir) if is_mlflow_uri(model) else ({}, frozenset())
+    checkpoint, processor = load_checkpoint(model_dir)
+
+    def probs_of(images, prompts):
+        return predict_probs(checkpoint, processor, images, prompts, device=device, batch_size=batch_size)
+
+    return probs_of, *carried
+
+
+def onnx_predictor(model: str, download_dir: Path, batch_size: int):
+    """`(probs_of, carried thresholds, carried snapped prompts)` of an exported .onnx file, or of an
+    MLflow model that carries one; the rules come from the file's metadata."""
+    from drywall_qa.onnx_runtime import load_onnx_model, onnx_predict_probs
+
+    if is_mlflow_uri(model):
+        resolve_model_dir(model, download_dir)  # downloads it
+        found = sorted(download_dir.rglob("*.onnx"), key=lambda p: len(p.parts))
+        if not found:
+            raise CliError(f"MLflow model {model} carries no ONNX file; export one with `drywall-qa export`")
+        path = found[0]
+    else:
+        path = Path(model)
+        if path.suffix != ".onnx" or not path.is_file():
+            raise CliError(
+                f"--runtime onnx takes an .onnx file (from `drywall-qa export`) or an MLflow URI, got {model}"
+            )
+    onnx_model = load_onnx_model(path)
+    thresholds = {prompt: onnx_model.rule(prompt)[0] for prompt in onnx_model.prompts}
+    boxed = frozenset(prompt for prompt in onnx_model.prompts if onnx_model.rule(prompt)[1])
+
+    def probs_of(images, prompts):
+        return onnx_predict_probs(onnx_model, images, prompts, batch_size=batch_size)
+
+    return probs_of, thresholds, boxed
+
+
 def predict_command(args: argparse.Namespace) -> int:
     prompts = list(dict.fromkeys(args.prompt or DEFAULT_PROMPTS))
     if args.batch_size < 1:
@@ -230,21 +279,15 @@ def predict_command(args: argparse.Namespace) -> int:
     paths = collect_images(args.inputs)
     # a downloaded MLflow model lives in a temporary folder for as long as it is used (weights may be mmapped)
     with tempfile.TemporaryDirectory(prefix="drywall-qa-model-") as download_dir:
-        model_dir = resolve_model_dir(args.model, Path(download_dir))
-        carried, carried_boxed = (
-            model_thresholds(Path(download_dir)) if is_mlflow_uri(args.model) else ({}, frozenset())
-        )
+        if args.runtime == "onnx":
+            probs_of, carried, carried_boxed = onnx_predictor(args.model, Path(download_dir), args.batch_size)
+        else:
+            probs_of, carried, carried_boxed = torch_predictor(
+                args.model, Path(download_dir), args.device, args.batch_size
+            )
         thresholds = thresholds_for(prompts, args.threshold, args.thresholds_from, carried)
         boxed = boxed_for(prompts, args.thresholds_from, carried_boxed)
-        from drywall_qa.model import load_model
-
-        try:
-            model, processor = load_model(model_dir)
-        except (OSError, ValueError) as error:
-            raise CliError(f"cannot load the model in {model_dir}: {' '.join(str(error).split())[:300]}") from None
-        summary = predict_to_folder(
-            model, processor, paths, prompts, thresholds, Path(args.out), args.device, args.batch_size, boxed
-        )
+        summary = predict_to_folder(probs_of, paths, prompts, thresholds, Path(args.out), args.batch_size, boxed)
     shown = ", ".join(f"{p!r} at {t:g}" + (" snapped to boxes" if p in boxed else "") for p, t in thresholds.items())
     print(f"drywall-qa: wrote {summary.masks} masks for {summary.images} images to {args.out} ({shown})")
     if summary.skipped:
@@ -256,6 +299,47 @@ def predict_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def export_command(args: argparse.Namespace) -> int:
+    from drywall_qa.onnx_export import export_onnx
+
+    if not args.out.endswith(".onnx"):
+        raise CliError(f"--out must name an .onnx file, got {args.out}")
+    with tempfile.TemporaryDirectory(prefix="drywall-qa-model-") as download_dir:
+        model_dir = resolve_model_dir(args.model, Path(download_dir))
+        carried, carried_boxed = (
+            model_thresholds(Path(download_dir)) if is_mlflow_uri(args.model) else ({}, frozenset())
+        )
+        # default: every prompt the registered model has a val-chosen rule for
+        prompts = list(dict.fromkeys(args.prompt or list(carried) or DEFAULT_PROMPTS))
+        thresholds = thresholds_for(prompts, args.threshold, args.thresholds_from, carried)
+        boxed = boxed_for(prompts, args.thresholds_from, carried_boxed)
+        model, processor = load_checkpoint(model_dir)
+        export_onnx(model, processor, args.out, prompts, thresholds, boxed)
+    size = Path(args.out).stat().st_size / 1e6
+    shown = ", ".join(f"{p!r} at {t:g}" + (" snapped to boxes" if p in boxed else "") for p, t in thresholds.items())
+    print(f"drywall-qa: wrote {args.out} ({size:.1f} MB; {shown})")
+    return 0
+
+
+MODEL_HELP = (
+    "a save_pretrained folder (models/clipseg/best) or an MLflow model URI "
+    "(models:/drywall-qa-clipseg/1, models:/drywall-qa-clipseg@champion, runs:/<run_id>/<logged model name>)"
+)
+
+
+def add_rule_arguments(command: argparse.ArgumentParser, prompt_default: str) -> None:
+    """The prompt and mask-rule options `predict` and `export` share."""
+    command.add_argument("--prompt", action="append", help=f"a prompt; repeat for several (default: {prompt_default})")
+    command.add_argument("--threshold", type=float, help="probability threshold for every prompt")
+    command.add_argument(
+        "--thresholds-from",
+        metavar="EVAL_JSON",
+        help="take each prompt's threshold and box snapping from `threshold.<prompt_slug>` and "
+        "`boxes.<prompt_slug>` of this metrics/eval.json (default: the val-chosen rules a registered "
+        f"MLflow model or an ONNX export carries, else {DEFAULT_THRESHOLD} unsnapped; --threshold replaces the threshold only)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="drywall-qa", description="Text-prompted drywall segmentation (CLIPSeg).")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -265,25 +349,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a {0,255} mask per image and prompt, named <image_id>__<prompt_slug>.png. "
         "Unreadable images are skipped and make the exit code 2.",
     )
-    predict.add_argument(
-        "--model",
-        required=True,
-        help="a save_pretrained folder (models/clipseg/best) or an MLflow model URI "
-        "(models:/drywall-qa-clipseg/1, models:/drywall-qa-clipseg@champion, runs:/<run_id>/<logged model name>)",
-    )
+    predict.add_argument("--model", required=True, help=MODEL_HELP + "; with --runtime onnx, an .onnx file or URI")
     predict.add_argument("--out", required=True, help="folder for the masks (created)")
+    add_rule_arguments(predict, ", ".join(DEFAULT_PROMPTS))
     predict.add_argument(
-        "--prompt", action="append", help=f"a prompt; repeat for several (default: {', '.join(DEFAULT_PROMPTS)})"
+        "--runtime",
+        choices=["torch", "onnx"],
+        default="torch",
+        help="torch: the checkpoint with PyTorch (default); onnx: an exported model with ONNX Runtime on the CPU",
     )
-    predict.add_argument("--threshold", type=float, help="probability threshold for every prompt")
-    predict.add_argument(
-        "--thresholds-from",
-        metavar="EVAL_JSON",
-        help="take each prompt's threshold and box snapping from `threshold.<prompt_slug>` and "
-        "`boxes.<prompt_slug>` of this metrics/eval.json (default: the val-chosen rules a registered "
-        f"MLflow model carries, else {DEFAULT_THRESHOLD} unsnapped; --threshold replaces the threshold only)",
-    )
-    predict.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
+    predict.add_argument("--device", help="cpu, cuda, mps (default: the best available; runtime torch)")
     predict.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     predict.add_argument(
         "inputs",
@@ -292,6 +367,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="image files, or folders whose image files are all predicted",
     )
     predict.set_defaults(handler=predict_command)
+    export = commands.add_parser(
+        "export",
+        help="write the model as one ONNX file for ONNX Runtime",
+        description="Export the whole inference path (vision pass, prompts, decoder) to ONNX, with the "
+        "tokenised prompts and their mask rules in the file's metadata.",
+    )
+    export.add_argument("--model", required=True, help=MODEL_HELP)
+    export.add_argument("--out", required=True, help="the .onnx file to write")
+    add_rule_arguments(export, "the prompts a registered model has rules for, else " + ", ".join(DEFAULT_PROMPTS))
+    export.set_defaults(handler=export_command)
     plots = commands.add_parser(
         "plots",
         help="render the pipeline's DVC plots offline",

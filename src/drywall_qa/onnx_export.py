@@ -1,0 +1,185 @@
+"""Export a trained CLIPSeg checkpoint to one ONNX file that ONNX Runtime runs without PyTorch
+(`drywall_qa.onnx_runtime` reads it; `drywall-qa export` writes it).
+
+The graph is the project's inference path, not HF's `forward` (which runs the vision encoder once per
+prompt): `pixel_values [B, 3, S, S]` through the vision encoder once (the conv stem included, the
+position embeddings interpolated to S), `input_ids`, `attention_mask [P, L]` through the text
+encoder, then the decoder once per (image, prompt) pair -> logits `[B, P, S, S]`. Batch, side,
+prompt count and token length are dynamic. The metadata entry `drywall_qa` (JSON) carries the
+tokenised prompts, the preprocessing, the test-time views and each prompt's mask rule.
+
+It uses `torch.onnx.export(..., dynamo=True)`, PyTorch's documented exporter (it needs `onnxscript`).
+Two spots of HF's code would freeze the example's shapes into the graph, so they are written here
+with shapes the exporter can keep symbolic (see `decoder_logits` and `SegmentationGraph.forward`), and
+every export is checked against PyTorch at another batch and side before it is written.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
+
+from drywall_qa.contracts.atomic import write_bytes_atomic
+from drywall_qa.contracts.thresholds import DEFAULT_THRESHOLD
+from drywall_qa.errors import DrywallQAError
+from drywall_qa.inference import InferenceConfig, model_input_size
+from drywall_qa.model import encode_images, encode_prompts, tokenize_prompts
+from drywall_qa.onnx_runtime import METADATA_KEY, SPEC_FORMAT, load_onnx_model
+
+INPUT_NAMES = ["pixel_values", "input_ids", "attention_mask"]
+CHECK_TOLERANCE = 1e-3  # largest logit difference the post-export check accepts (float32 kernels differ ~1e-6)
+
+
+class OnnxExportError(DrywallQAError, ValueError):
+    """A model or setting the ONNX export does not cover, or an export that does not match PyTorch."""
+
+
+def decoder_logits(decoder, activations: Sequence[torch.Tensor], conditional: torch.Tensor, side: int) -> torch.Tensor:
+    """`CLIPSegDecoder.forward` (transformers 5), with the token grid's side given: HF computes it as
+    `int(math.sqrt(tokens))`, a Python int the exporter would freeze to the example's side."""
+    output = None
+    for index, (activation, layer, reduce) in enumerate(
+        zip(activations[::-1], decoder.layers, decoder.reduces, strict=False)
+    ):
+        output = reduce(activation) if output is None else reduce(activation) + output
+        if index == decoder.conditional_layer:  # FiLM: the prompt scales and shifts every token
+            output = decoder.film_mul(conditional) * output.permute(1, 0, 2) + decoder.film_add(conditional)
+            output = output.permute(1, 0, 2)
+        output = layer(output, attention_mask=None)
+    output = output[:, 1:, :].transpose(1, 2)  # drop the class token: [pairs, reduce_dim, tokens]
+    output = output.reshape(conditional.shape[0], output.shape[1], side, side)
+    return decoder.transposed_convolution(output).squeeze(1)
+
+
+class SegmentationGraph(torch.nn.Module):
+    """What the ONNX file computes: images and prompts in, logits of every (image, prompt) pair out."""
+
+    def __init__(self, model: CLIPSegForImageSegmentation):
+        super().__init__()
+        self.model = model
+        self.patch = model.config.vision_config.patch_size
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        activations = encode_images(self.model, pixel_values)
+        conditional = encode_prompts(self.model, input_ids, attention_mask)
+        images, prompts = pixel_values.shape[0], conditional.shape[0]
+        # pairs image-major, as predict_probs orders them; expand + flatten rather than
+        # repeat_interleave, whose exported form only works at the example's batch size
+        paired = [layer.unsqueeze(1).expand(-1, prompts, -1, -1).flatten(0, 1) for layer in activations]
+        paired_conditional = conditional.unsqueeze(0).expand(images, -1, -1).flatten(0, 1)
+        logits = decoder_logits(self.model.decoder, paired, paired_conditional, pixel_values.shape[-1] // self.patch)
+        return logits.reshape(images, prompts, logits.shape[-2], logits.shape[-1])
+
+
+def export_spec(
+    model: CLIPSegForImageSegmentation,
+    processor: CLIPSegProcessor,
+    prompts: Sequence[str],
+    thresholds: Mapping[str, float],
+    boxed: Collection[str] = (),
+) -> dict:
+    """The metadata the runner needs around the graph; OnnxExportError for what it cannot reproduce."""
+    config = InferenceConfig.of(model)
+    if config.native:
+        raise OnnxExportError(
+            f"the ONNX export covers inference mode 'resize'; this checkpoint uses {config.mode!r}, whose "
+            "OpenCV resizing and windows the numpy runner does not reproduce"
+        )
+    images = processor.image_processor
+    plain = images.do_resize and images.do_rescale and images.do_normalize and int(images.resample) == 2
+    if not plain or getattr(images, "do_center_crop", False) or images.size["height"] != images.size["width"]:
+        raise OnnxExportError(
+            "the ONNX runner reproduces a square bilinear resize, rescale and normalise; this checkpoint's "
+            f"image processor differs ({images.to_dict()})"
+        )
+    tokenizer = processor.tokenizer
+    if tokenizer.pad_token_id is None:
+        raise OnnxExportError("the checkpoint's tokenizer has no pad token; prompts of different lengths cannot batch")
+    return {
+        "format": SPEC_FORMAT,
+        "prompts": {prompt: list(tokenizer(prompt)["input_ids"]) for prompt in prompts},
+        "pad_token_id": int(tokenizer.pad_token_id),
+        "input_size": model_input_size(processor),
+        "patch_size": int(model.config.vision_config.patch_size),
+        "image_mean": [float(value) for value in images.image_mean],
+        "image_std": [float(value) for value in images.image_std],
+        "rescale_factor": float(images.rescale_factor),
+        "flips": list(config.flips),
+        "sizes": list(config.sizes),
+        "thresholds": {prompt: float(thresholds.get(prompt, DEFAULT_THRESHOLD)) for prompt in prompts},
+        "boxed": sorted(set(boxed) & set(prompts)),
+    }
+
+
+def export_onnx(
+    model: CLIPSegForImageSegmentation,
+    processor: CLIPSegProcessor,
+    out: str | Path,
+    prompts: Sequence[str],
+    thresholds: Mapping[str, float] | None = None,
+    boxed: Collection[str] = (),
+) -> dict:
+    """Write the ONNX file to `out` (atomically) and return its spec (see the module docstring)."""
+    prompts = list(dict.fromkeys(prompts))
+    if not prompts:
+        raise OnnxExportError("the export needs at least one prompt")
+    spec = export_spec(model, processor, prompts, thresholds or {}, boxed)
+    was_training = model.training
+    graph = SegmentationGraph(model).eval()
+    patch = graph.patch
+    # The example's side differs from the position table's: HF looks the table up unchanged at its
+    # own side and interpolates it elsewhere, and the exporter keeps only the branch it saw.
+    example_side = (model.config.vision_config.image_size // patch + 1) * patch
+    # The exporter specialises dimensions of size 1, so the example has 2 images and >= 2 prompts.
+    input_ids, attention_mask = tokenize_prompts(processor, (prompts * 2)[: max(2, len(prompts))])
+    example = (torch.randn(2, 3, example_side, example_side), input_ids, attention_mask)
+    side = patch * torch.export.Dim("patches", min=1, max=4096 // patch)
+    prompt_count, tokens = torch.export.Dim("prompts", min=1, max=1024), torch.export.Dim("tokens", min=2, max=77)
+    dynamic_shapes = {
+        "pixel_values": {0: torch.export.Dim("images", min=1, max=1024), 2: side, 3: side},
+        "input_ids": {0: prompt_count, 1: tokens},
+        "attention_mask": {0: prompt_count, 1: tokens},
+    }
+    with torch.no_grad():
+        program = torch.onnx.export(
+            graph, example, dynamo=True, input_names=INPUT_NAMES, output_names=["logits"],
+            dynamic_shapes=dynamic_shapes, optimize=True, verbose=False,
+        )  # fmt: skip
+    proto = program.model_proto
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(spec)
+    data = proto.SerializeToString()
+    check_export(graph, processor, data, prompts, side=example_side + patch)
+    model.train(was_training)
+    write_bytes_atomic(out, data)
+    return spec
+
+
+def check_export(graph: SegmentationGraph, processor, data: bytes, prompts: Sequence[str], side: int) -> None:
+    """ONNX Runtime's logits against PyTorch's for 1 image at a side the export did not see."""
+    input_ids, attention_mask = tokenize_prompts(processor, prompts)
+    pixels = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = graph(pixels, input_ids, attention_mask).numpy()
+    with tempfile.TemporaryDirectory(prefix="drywall-qa-onnx-check-") as folder:
+        path = Path(folder) / "model.onnx"
+        path.write_bytes(data)
+        session = load_onnx_model(path).session
+        feed = {
+            "pixel_values": pixels.numpy(),
+            "input_ids": input_ids.numpy(),
+            "attention_mask": attention_mask.numpy(),
+        }
+        (logits,) = session.run(["logits"], feed)
+    difference = float(np.abs(logits - expected).max()) if logits.shape == expected.shape else float("inf")
+    if not difference <= CHECK_TOLERANCE:
+        raise OnnxExportError(
+            f"the exported graph's logits differ from PyTorch's by {difference:g} (shape {logits.shape} vs "
+            f"{expected.shape}) at {side} px; the export does not reproduce this model"
+        )

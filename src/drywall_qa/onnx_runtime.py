@@ -1,0 +1,236 @@
+"""Run an exported drywall-qa ONNX model with ONNX Runtime: masks with only onnxruntime, numpy and
+Pillow installed (no torch, no transformers, no OpenCV), for laptops and tablets on site.
+
+    python -m drywall_qa.onnx_runtime model.onnx wall.jpg --prompt "segment crack" --out masks/
+
+(with `src/` on `PYTHONPATH`, or the package installed). `drywall_qa.onnx_export` writes the file:
+one graph, `pixel_values [B, 3, S, S]` (dynamic batch and side, a multiple of the patch size) +
+`input_ids`, `attention_mask [P, L]` -> mask logits `[B, P, S, S]`: each image goes through the
+vision encoder once and the decoder once per prompt. The file's metadata (`drywall_qa`, JSON) carries
+what the graph needs around it: each prompt's token ids, the preprocessing (input side, mean, std),
+the test-time views (mirrors, sides) and each prompt's val-chosen mask rule (threshold, box snapping).
+
+This module repeats PyTorch's inference path (`drywall_qa.inference`, mode `resize`) step by step in
+numpy: PIL's bilinear resize and the processor's arithmetic, the logits of each view resized
+bilinearly to the photo (torch's `interpolate`, `align_corners=False`), mirrored back, averaged,
+then the sigmoid. The mask rule is the project's own (`contracts.mask_rule`, numpy only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+from PIL import Image
+
+from drywall_qa.contracts.mask_rule import binarize
+from drywall_qa.contracts.naming import image_id_of, mask_file_name
+from drywall_qa.errors import DrywallQAError
+
+METADATA_KEY = "drywall_qa"  # the ONNX metadata entry that holds the spec (JSON)
+SPEC_FORMAT = 1
+FLIP_AXES = {"horizontal": -1, "vertical": -2}  # a mirror view -> the array axis it mirrors (inference.FLIPS)
+
+
+class OnnxModelError(DrywallQAError, ValueError):
+    """An ONNX file that is not a drywall-qa export, or a prompt it was not exported with."""
+
+
+@dataclass(frozen=True)
+class OnnxModel:
+    """An ONNX Runtime session and the spec the export wrote into the file's metadata."""
+
+    session: onnxruntime.InferenceSession
+    spec: dict
+
+    @property
+    def prompts(self) -> list[str]:
+        return list(self.spec["prompts"])
+
+    def rule(self, prompt: str) -> tuple[float, bool]:
+        """The prompt's val-chosen (threshold, snapped to boxes)."""
+        return float(self.spec["thresholds"][prompt]), prompt in self.spec["boxed"]
+
+
+def load_onnx_model(path: str | Path, threads: int | None = None) -> OnnxModel:
+    """The exported model at `path` in an ONNX Runtime CPU session (`threads`: intra-op threads,
+    None = ONNX Runtime's default, one per physical core)."""
+    path = Path(path)
+    if not path.is_file():
+        raise OnnxModelError(f"ONNX model {path} does not exist")
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # ONNX Runtime raises its own (pybind) error types for a bad file
+        raise OnnxModelError(f"cannot load ONNX model {path}: {' '.join(str(error).split())[:300]}") from None
+    raw = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    if raw is None:
+        raise OnnxModelError(f"{path} is not a drywall-qa export (no '{METADATA_KEY}' metadata)")
+    spec = json.loads(raw)
+    if spec.get("format") != SPEC_FORMAT:
+        raise OnnxModelError(f"{path} has spec format {spec.get('format')!r}; this runner reads {SPEC_FORMAT}")
+    return OnnxModel(session, spec)
+
+
+def token_batch(model: OnnxModel, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """`(input_ids, attention_mask)` of `prompts`, right-padded to the longest, as the tokenizer pads."""
+    unknown = [prompt for prompt in prompts if prompt not in model.spec["prompts"]]
+    if unknown:
+        raise OnnxModelError(
+            f"prompts {unknown} were not exported with this model (it has {model.prompts}); "
+            "export again with --prompt for each"
+        )
+    ids = [model.spec["prompts"][prompt] for prompt in prompts]
+    length = max(len(row) for row in ids)
+    input_ids = np.full((len(ids), length), model.spec["pad_token_id"], dtype=np.int64)
+    attention_mask = np.zeros((len(ids), length), dtype=np.int64)
+    for row, tokens in enumerate(ids):
+        input_ids[row, : len(tokens)] = tokens
+        attention_mask[row, : len(tokens)] = 1
+    return input_ids, attention_mask
+
+
+def pixel_values(spec: dict, images: Sequence[Image.Image], side: int) -> np.ndarray:
+    """`[B, 3, side, side]` float32: the HF image processor's steps (PIL bilinear resize, rescale in
+    float64, normalise in float32), so the graph sees the pixels PyTorch's path sees."""
+    mean = np.asarray(spec["image_mean"], dtype=np.float32)
+    std = np.asarray(spec["image_std"], dtype=np.float32)
+    batch = []
+    for image in images:
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        resized = np.asarray(rgb.resize((side, side), resample=Image.Resampling.BILINEAR))
+        scaled = (resized.astype(np.float64) * spec["rescale_factor"]).astype(np.float32)
+        batch.append(((scaled - mean) / std).transpose(2, 0, 1))
+    return np.ascontiguousarray(np.stack(batch))
+
+
+def bilinear_taps(source: int, target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For each target pixel: the two source pixels and their weights, as torch's bilinear
+    `interpolate` (`align_corners=False`, no antialias) computes them."""
+    position = (np.arange(target, dtype=np.float32) + 0.5) * np.float32(source / target) - 0.5
+    position = np.maximum(position, 0)
+    first = position.astype(np.int64)
+    second = np.minimum(first + 1, source - 1)
+    weight = (position - first).astype(np.float32)
+    return first, second, 1 - weight, weight
+
+
+def resize_bilinear(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """`[P, h, w]` maps resized to `size` (height, width); a no-op at the same size."""
+    height, width = size
+    if maps.shape[-2:] == (height, width):
+        return maps
+    col_first, col_second, col_keep, col_take = bilinear_taps(maps.shape[-1], width)
+    row_first, row_second, row_keep, row_take = bilinear_taps(maps.shape[-2], height)
+    across = maps[..., col_first] * col_keep + maps[..., col_second] * col_take
+    return across[..., row_first, :] * row_keep[:, None] + across[..., row_second, :] * row_take[:, None]
+
+
+def onnx_predict_probs(
+    model: OnnxModel, images: Sequence[Image.Image], prompts: Sequence[str], batch_size: int = 8
+) -> list[np.ndarray]:
+    """For each PIL image a float32 `[len(prompts), H, W]` array of probabilities at its original
+    size: `drywall_qa.inference.predict_probs` of the exported model, run by ONNX Runtime."""
+    if not prompts:
+        raise OnnxModelError("onnx_predict_probs needs at least one prompt")
+    if batch_size < 1:
+        raise OnnxModelError(f"batch_size must be >= 1, got {batch_size}")
+    input_ids, attention_mask = token_batch(model, prompts)
+    views = [(flip, side) for flip in (None, *model.spec["flips"]) for side in (model.spec["sizes"] or (None,))]
+    results = []
+    for start in range(0, len(images), batch_size):
+        batch = [image if image.mode == "RGB" else image.convert("RGB") for image in images[start : start + batch_size]]
+        totals: list[np.ndarray | None] = [None] * len(batch)
+        for flip, side in views:  # the same order as PyTorch's, so the float sums agree
+            view = [mirrored(image, flip) for image in batch]
+            feed = {
+                "pixel_values": pixel_values(model.spec, view, side or model.spec["input_size"]),
+                "input_ids": input_ids,
+                "attention_mask": attention_mask,
+            }
+            (logits,) = model.session.run(["logits"], feed)
+            for index, image in enumerate(batch):
+                resized = resize_bilinear(logits[index], (image.height, image.width))
+                if flip is not None:
+                    resized = np.flip(resized, axis=FLIP_AXES[flip])
+                totals[index] = resized if totals[index] is None else totals[index] + resized
+        for total in totals:
+            results.append(np.ascontiguousarray(sigmoid(total / np.float32(len(views))), dtype=np.float32))
+    return results
+
+
+def mirrored(image: Image.Image, flip: str | None) -> Image.Image:
+    if flip is None:
+        return image
+    method = Image.Transpose.FLIP_LEFT_RIGHT if flip == "horizontal" else Image.Transpose.FLIP_TOP_BOTTOM
+    return image.transpose(method)
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-logits))
+
+
+def onnx_masks(
+    model: OnnxModel, image: Image.Image, prompts: Sequence[str], threshold: float | None = None
+) -> dict[str, np.ndarray]:
+    """Each prompt's boolean mask of `image` under its val-chosen rule (`threshold` replaces the
+    threshold, not the box snapping)."""
+    (probs,) = onnx_predict_probs(model, [image], prompts)
+    masks = {}
+    for prompt, prob in zip(prompts, probs, strict=True):
+        chosen, boxes = model.rule(prompt)
+        masks[prompt] = binarize(prob, chosen if threshold is None else threshold, boxes=boxes)
+    return masks
+
+
+def write_mask_png(path: Path, mask: np.ndarray) -> None:
+    """A {0, 255} mode-L PNG (the project's mask contract), written to a temporary name and renamed
+    over `path`, so a reader never sees half a file (`contracts.atomic` needs filelock, not installed here)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.where(mask, np.uint8(255), np.uint8(0))).save(buffer, format="PNG")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(buffer.getvalue())
+    os.replace(temporary, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m drywall_qa.onnx_runtime",
+        description="Masks from an exported drywall-qa ONNX model: <out>/<image stem>__<prompt slug>.png, {0, 255}.",
+    )
+    parser.add_argument("model", help="the .onnx file written by `drywall-qa export`")
+    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("--prompt", action="append", help="a prompt; repeat for several (default: all exported)")
+    parser.add_argument("--threshold", type=float, help="one threshold for every prompt (default: the val-chosen ones)")
+    parser.add_argument("--out", default="masks", help="folder for the masks (default masks/)")
+    args = parser.parse_args(argv)
+    try:
+        model = load_onnx_model(args.model)
+        prompts = args.prompt or model.prompts
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for path in map(Path, args.images):
+            with Image.open(path) as handle:
+                image = handle.convert("RGB")
+            for prompt, mask in onnx_masks(model, image, prompts, args.threshold).items():
+                write_mask_png(out / mask_file_name(image_id_of(path.name), prompt), mask)
+        print(f"wrote {len(args.images) * len(prompts)} masks to {out}")
+        return 0
+    except (DrywallQAError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
