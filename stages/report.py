@@ -11,9 +11,9 @@ from pathlib import Path
 import mlflow
 
 from drywall_qa.contracts import paths
-from drywall_qa.report import build_report, headline, load_inputs, write_report
+from drywall_qa.report import build_report, headline, load_inputs, pipeline_headline, pipeline_tags, write_report
 from drywall_qa.stage import Stage, run_stage
-from drywall_qa.tracking import describe_run, dvc_lock_digest, git_commit, pipeline_stage_seconds
+from drywall_qa.tracking import describe_run, dvc_lock_digest, git_commit, pipeline_stage_seconds, tag_run
 
 
 def report(stage: Stage) -> str:
@@ -45,8 +45,15 @@ def report(stage: Stage) -> str:
         written = write_report(markdown, paths.REPORT_DIR)
         for path in written:
             mlflow.log_artifact(str(path), artifact_path="report")
-        if parent_id:  # the pipeline run's description: the report's first lines
-            describe_run(parent_id, headline(inputs))
+        if parent_id:  # the pipeline run's description: the headline line, where the model is, the report's first lines
+            model_lines = (
+                f"Model: registered version `models:/{registration['name']}/{registration['version']}`, "
+                f"logged model `{registration['model_uri']}` (logged by the `register` child run)."
+            )
+            describe_run(
+                parent_id, "\n\n".join([pipeline_headline(inputs, registration), model_lines, headline(inputs)])
+            )
+            tag_run(parent_id, pipeline_tags(inputs, registration))
     return f"report: wrote {', '.join(str(p) for p in written)}"
 
 

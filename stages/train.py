@@ -14,6 +14,8 @@ from pathlib import Path
 from drywall_qa.contracts import paths
 from drywall_qa.stage import Stage, run_stage
 
+SUMMARY_SCORES = ("best_val_miou", "best_val_dice", "final_train_loss")  # the run's metrics besides the per-epoch ones
+
 
 def history_figure(history: list[dict]):
     import matplotlib
@@ -76,17 +78,22 @@ def train_stage(stage: Stage) -> str:
             tracking_run_id=run.info.run_id,
             work_dir=paths.TRAIN_WORK_DIR,
         )
-        mlflow.log_metrics(
+        mlflow.log_metrics({key: float(summary[key]) for key in SUMMARY_SCORES})
+        # counts and totals are tags: as metrics each is a one-bar chart among the per-epoch curves, and the
+        # total `seconds` shared its name with the per-epoch one
+        mlflow.set_tags(
             {
-                key: float(value)
+                f"summary.{key}": value
                 for key, value in summary.items()
-                if isinstance(value, int | float) and not isinstance(value, bool)
+                if isinstance(value, int | float) and not isinstance(value, bool) and key not in SUMMARY_SCORES
             }
         )
         mlflow.log_dict(summary, "train.json")
         summary_keys = ("best_val_miou", "best_val_dice", "best_epoch", "epochs_run", "seconds", "params")
         log_to_pipeline({f"train.{key}": summary[key] for key in summary_keys})
         mlflow.log_artifact(paths.TRAIN_HISTORY)
+        # the checkpoint itself, beside the curves that chose it (`register` logs it again as the servable model)
+        mlflow.log_artifacts(paths.BEST_CHECKPOINT, artifact_path="checkpoint")
         history = read_history(Path(paths.TRAIN_HISTORY))  # every epoch, also those before a resume
         if history:
             figure = history_figure(history)

@@ -27,6 +27,35 @@ SMALL = {
     ("visualize", "worst_k"): 1,
     ("cpu_numerics",): "native",
 }
+# What the tests rely on that an applied experiment (`dvc exp apply`, e.g. the real recipe of
+# scripts/run_real.sh) changes in the workspace's params.yaml: these keys take their committed values.
+PINNED = (
+    ("data", "source"),
+    ("data", "local", "limit_per_dataset"),
+    ("lr",),
+    ("model", "weights"),
+    ("model", "preset"),
+    ("model", "freeze_backbone"),
+    ("model", "conv_stem"),
+    ("inference",),
+    ("train",),
+)
+
+
+def committed_params(repo: Path = REPO) -> dict:
+    shown = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=repo, capture_output=True, text=True, check=True)
+    return YAML(typ="safe").load(shown.stdout)
+
+
+def pinned_values(repo: Path = REPO) -> dict[tuple[str, ...], object]:
+    committed = committed_params(repo)
+    values = {}
+    for keys in PINNED:
+        node = committed
+        for key in keys:
+            node = node[key]
+        values[keys] = node
+    return values
 
 
 def run(command: list[str], cwd: Path, env: dict[str, str] | None = None, check: bool = True, timeout: int = 900):
@@ -43,19 +72,20 @@ def run(command: list[str], cwd: Path, env: dict[str, str] | None = None, check:
     return result
 
 
-def make_small_repo(root: Path) -> Path:
-    """This working tree's tracked and unignored files, committed in a new git repo at `root`, at SMALL."""
+def make_small_repo(root: Path, workspace: Path = REPO) -> Path:
+    """`workspace`'s tracked and unignored files, committed in a new git repo at `root`, at SMALL and PINNED
+    whatever experiment the workspace has applied."""
     listed = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=workspace, capture_output=True, check=True
     ).stdout.decode()
     for name in filter(None, listed.split("\0")):
-        source = REPO / name
+        source = workspace / name
         if source.is_file():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, root / name)
     yaml = YAML()
     params = yaml.load((root / "params.yaml").read_text())
-    for keys, value in SMALL.items():
+    for keys, value in (pinned_values(workspace) | SMALL).items():
         node = params
         for key in keys[:-1]:
             node = node[key]

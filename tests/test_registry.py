@@ -85,6 +85,7 @@ def test_the_champion_carries_the_val_chosen_thresholds_into_the_pyfunc_and_pred
     assert version.tags["boxes.segment_taping_area"] == "true" and "boxes.segment_crack" not in version.tags
     assert "'segment taping area'" in version.description and "snapped to boxes" in version.description
     assert "test.miou 0.4000" in version.description and "e1" in version.description
+    assert "@champion" in client.get_registered_model(NAME).description  # the model page says what it is
 
     served = mlflow.pyfunc.load_model(f"models:/{NAME}@{CHAMPION_ALIAS}")
     encoded = base64.b64encode(image.read_bytes()).decode()

@@ -10,7 +10,14 @@ from drywall_qa.contracts.naming import prompt_slug
 from drywall_qa.evaluate import summary_metrics
 from drywall_qa.metrics import Counts
 from drywall_qa.params import load_params
-from drywall_qa.report import ReportError, build_report, load_inputs, write_report
+from drywall_qa.report import (
+    ReportError,
+    build_report,
+    load_inputs,
+    pipeline_headline,
+    pipeline_tags,
+    write_report,
+)
 from drywall_qa.runtime import measure_runtime
 
 PARAMS = load_params(Path(__file__).parents[1] / "params.yaml")
@@ -305,3 +312,24 @@ def test_the_report_states_the_loss_with_its_cldice_term_when_on():
     assert describe_loss({**plain, "cldice_weight": 0.5, "cldice_datasets": ["cracks"]}) == (
         "1.0 x BCE + 1.0 x Dice + 0.5 x soft clDice on the cracks prompts"
     )
+
+
+def test_the_mlflow_parent_shows_the_headline_in_one_line_and_tags_that_agree(inputs_on_disk):
+    inputs = _load(inputs_on_disk)
+    inputs.eval = {**inputs.eval, "test.cracks.miou": 0.41, "test.taping.miou": 0.52, "val.cracks.miou": 0.4}
+    inputs.eval.pop("val.taping.miou", None)  # an eval.json without it: the line shows what there is
+    registration = {"name": "m", "version": "7", "model_uri": "models:/m-abc", "gate_passed": True, "champion": True}
+    line = pipeline_headline(inputs, registration)
+    assert line == (
+        "**Test mIoU cracks 0.4100 · taping 0.5200 | val mIoU cracks 0.4000 | data: synthetic (generated offline) | "
+        "weights: scratch (tiny) | gate passed: models:/m/7 @champion**"
+    )
+    tags = pipeline_tags(inputs, {**registration, "gate_passed": False, "champion": False})
+    assert tags == {
+        "data_source": "synthetic",
+        "weights": "scratch (tiny)",  # the description's words
+        "gate": "failed",
+        "registered_model": "models:/m/7",
+        "logged_model": "models:/m-abc",
+    }
+    assert "gate failed: models:/m/7**" in pipeline_headline(inputs, {**registration, "champion": False})

@@ -170,6 +170,24 @@ def test_the_parent_spans_its_execution_and_holds_what_people_compare(store, mon
     assert parent.data.tags[tracking.DESCRIPTION_TAG].startswith("# drywall-qa")
     experiment = mlflow.MlflowClient().get_experiment(parent.info.experiment_id)
     assert "parent run is one `dvc repro`" in experiment.tags[tracking.DESCRIPTION_TAG]
+    # a training experiment: the MLflow UI opens its runs in "Model training" mode, not its GenAI mode
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
+def test_a_guessed_experiment_kind_is_replaced_and_a_chosen_one_kept(store):
+    client = mlflow.MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    experiment_id = tracking.configure()
+    client.set_experiment_tag(experiment_id, tracking.EXPERIMENT_KIND_TAG, "genai_development_inferred")
+    tracking.configure()
+    assert client.get_experiment(experiment_id).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    client.set_experiment_tag(experiment_id, tracking.EXPERIMENT_KIND_TAG, "finetuning")
+    tracking.configure()
+    assert client.get_experiment(experiment_id).tags[tracking.EXPERIMENT_KIND_TAG] == "finetuning"
+
+
+def test_the_weights_tag_uses_the_reports_words():
+    params = {"data": {"source": "local"}, "model": {"weights": None, "preset": "tiny", "conv_stem": [24, 48]}}
+    assert tracking._source_tags(params) == {"data_source": "local", "weights": "scratch (tiny+conv_stem)"}
 
 
 def test_a_killed_stage_kills_the_parent_and_the_rerun_continues_it(store, monkeypatch):

@@ -628,3 +628,10 @@ def test_a_kill_after_an_epochs_checkpoint_loses_no_epoch_from_mlflow(tmp_path):
         by_step = {metric.step: metric.value for metric in logged}
         for row in history:
             assert by_step[int(row["epoch"])] == pytest.approx(row[key], rel=1e-5, abs=1e-7), (key, row["epoch"])
+    # per-epoch curves only: the total time and the counts are tags, so no chart mixes a step-0 total in
+    assert [metric.step for metric in client.get_metric_history(run.info.run_id, "seconds")] == [1, 2, 3]
+    run = client.get_run(run.info.run_id)
+    assert run.data.tags["summary.epochs_run"] == "3" and "epochs_run" not in run.data.metrics
+    assert {"best_val_miou", "best_val_dice", "final_train_loss"} <= set(run.data.metrics)
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+    assert "checkpoint/model.safetensors" in logged and "checkpoint/config.json" in logged

@@ -14,7 +14,7 @@ import functools
 import os
 import shutil
 from collections import defaultdict
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -290,8 +290,9 @@ def evaluate_predictions(
     metrics: dict[str, Any] = {eval_key(p): t for p, t in chosen.items()}
     metrics |= {boxes_key(p): int(p in boxed) for p in chosen}
     # val only chose the rules: its scores with them, overall and per prompt
-    val_pairs = _val_pairs_at(sweep, chosen, boxed, thresholds)
-    metrics |= summary_metrics(val_pairs, "val", overall=("miou", "dice"), per_group=("miou",), groups=("prompt",))
+    dataset_of = {prompt: image.dataset for image in val for prompt in image.prompts}
+    val_pairs = _val_pairs_at(sweep, chosen, boxed, thresholds, dataset_of)
+    metrics |= summary_metrics(val_pairs, "val", overall=("miou", "dice"), per_group=("miou",))
 
     test_scores = score_split(predict_fn, test, chosen, all_prompts, predictions_dir, chunk_size, boxed)
     metrics |= summary_metrics(test_scores.pairs, "test")
@@ -338,13 +339,18 @@ def add_zero_shot(
 
 
 def _val_pairs_at(
-    sweep: Sweep, chosen: dict[str, float], boxed: Collection[str], thresholds: Sequence[float]
+    sweep: Sweep,
+    chosen: dict[str, float],
+    boxed: Collection[str],
+    thresholds: Sequence[float],
+    dataset_of: Mapping[str, str],
 ) -> list[dict]:
-    """Val pairs with each prompt's chosen rule, in the shape `summary_metrics` reads (per prompt only)."""
+    """Val pairs with each prompt's chosen rule, in the shape `summary_metrics` reads."""
     pairs = []
     for prompt, threshold in chosen.items():
         index = list(thresholds).index(threshold)
-        pairs += [{"prompt": prompt, "dataset": "", "counts": c[index]} for c in sweep[(prompt, prompt in boxed)]]
+        dataset = dataset_of[prompt]
+        pairs += [{"prompt": prompt, "dataset": dataset, "counts": c[index]} for c in sweep[(prompt, prompt in boxed)]]
     return pairs
 
 

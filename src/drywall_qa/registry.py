@@ -4,6 +4,11 @@ val-chosen per-prompt thresholds, registered as a new version with its headline 
 
 So `models:/<name>@champion` is never a run that regressed, and every version says what it is:
 description (data, weights, DVC experiment, headline scores), tags (metrics, thresholds, gate result).
+
+With `onnx=True` (the `register` stage) the version also carries the checkpoint exported to ONNX
+(`drywall_qa.onnx_export`, the same prompts and rules) as the pyfunc's `onnx` artifact: its ONNX
+Runtime path, `drywall-qa predict --runtime onnx` and `drywall-qa export` read it from there. The tag
+`onnx` says whether it is there, or why not (a checkpoint whose inference mode the export does not cover).
 """
 
 from __future__ import annotations
@@ -30,6 +35,14 @@ from drywall_qa.contracts.thresholds import (
 from drywall_qa.gate import GateError, compare, gate
 
 CHAMPION_ALIAS = "champion"
+ONNX_FILE = "model.onnx"
+REGISTERED_MODEL_DESCRIPTION = (
+    "drywall-qa: text-prompted drywall segmentation (CLIPSeg). Input: a photo (base64) and a prompt such as "
+    "`segment crack` or `segment taping area`; output: a {0, 255} mask at the photo's size, thresholded with the "
+    "val-chosen rule of that prompt (`thresholds.json`). Each version is one pipeline execution: its description "
+    "says which data and weights produced it and its test scores. `@champion` is the latest version that passed "
+    "the regression gate; load it with `mlflow.pyfunc.load_model('models:/<name>@champion')`."
+)
 HEADLINE_KEYS = ("test.miou", "test.dice", "val.miou", "cross_prompt.test.pred_fg_fraction")
 
 
@@ -107,11 +120,13 @@ def register_checkpoint(
     baseline: Mapping[str, Any],
     context: Mapping[str, str],
     gated_metrics: Mapping[str, Any] | None = None,
+    onnx: bool = False,
 ) -> Registration:
     """Log and register the checkpoint from the active MLflow run (see the module docstring).
 
     `metrics` (eval.json) give the thresholds, description and tags; the gate compares
-    `gated_metrics` (default `metrics`) with `baseline`, the same file as committed.
+    `gated_metrics` (default `metrics`) with `baseline`, the same file as committed. `onnx`: log
+    the ONNX export beside the checkpoint.
     """
     import mlflow
 
@@ -124,7 +139,12 @@ def register_checkpoint(
     with tempfile.TemporaryDirectory(prefix="drywall-qa-thresholds-") as scratch:
         thresholds_file = Path(scratch) / THRESHOLDS_FILE
         write_thresholds(thresholds_file, thresholds, boxed)
-        info = log_pyfunc_model(checkpoint_dir, thresholds_file, registered_model_name=registered_model_name, name=name)
+        onnx_file, onnx_tag = (
+            exported_onnx(checkpoint_dir, Path(scratch), prompts, thresholds, boxed) if onnx else (None, None)
+        )
+        info = log_pyfunc_model(
+            checkpoint_dir, thresholds_file, registered_model_name=registered_model_name, name=name, onnx_file=onnx_file
+        )
     version = str(info.registered_model_version)
     passed, message = gate_result(
         baseline, gated_metrics if gated_metrics is not None else metrics, gate_keys, gate_tolerance
@@ -132,10 +152,12 @@ def register_checkpoint(
     client.update_model_version(
         registered_model_name, version, description=version_description(metrics, thresholds, context)
     )
+    client.update_registered_model(registered_model_name, description=REGISTERED_MODEL_DESCRIPTION)
     tags = {key: f"{metrics[key]:.4f}" for key in HEADLINE_KEYS if isinstance(metrics.get(key), int | float)}
     tags |= {f"threshold.{prompt_slug(p)}": f"{t:g}" for p, t in thresholds.items()}
     tags |= {boxes_key(p): "true" for p in sorted(boxed)}
     tags |= {"gate": "passed" if passed else "failed", **{k: v for k, v in context.items() if v}}
+    tags |= {"onnx": onnx_tag} if onnx_tag else {}
     for key, value in tags.items():
         client.set_model_version_tag(registered_model_name, version, key, value)
     if passed:
@@ -150,6 +172,23 @@ def register_checkpoint(
         message,
         passed,
     )
+
+
+def exported_onnx(
+    checkpoint_dir: str | Path, folder: Path, prompts: Sequence[str], thresholds: Mapping[str, float], boxed
+) -> tuple[Path | None, str]:
+    """(the ONNX file in `folder`, the version's `onnx` tag); no file, and the reason in the tag, when
+    the export does not cover the checkpoint."""
+    from drywall_qa.model import load_model
+    from drywall_qa.onnx_export import OnnxExportError, export_onnx
+
+    path = folder / ONNX_FILE
+    model, processor = load_model(checkpoint_dir)
+    try:
+        export_onnx(model, processor, path, prompts, thresholds, boxed)
+    except OnnxExportError as error:
+        return None, f"not exported: {error}"[:5000]
+    return path, f"{ONNX_FILE} ({path.stat().st_size / 1e6:.1f} MB)"
 
 
 def write_registration(path: str | Path, registration: Registration) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,6 +163,33 @@ def headline(inputs: ReportInputs) -> str:
     if "zero_shot.test.miou" in m:
         summary += f"; the same model before training: mIoU {_score(m['zero_shot.test.miou'])}"
     return "\n".join(lines + [summary + "."])
+
+
+def pipeline_headline(inputs: ReportInputs, registration: Mapping[str, Any]) -> str:
+    """The first line of the MLflow parent run's description, the one line the run page shows without
+    a click: test and val mIoU per dataset, data, weights, gate verdict and the registered version."""
+    m = inputs.eval
+    datasets = sorted(inputs.source.get("datasets") or {})
+
+    def per_dataset(split: str) -> str:
+        return " · ".join(f"{d} {_score(m[f'{split}.{d}.miou'])}" for d in datasets if f"{split}.{d}.miou" in m)
+
+    label, _ = describe_source(inputs.source)
+    weights = describe_weights(_need(inputs.train, "weights_init", "metrics/train.json"))
+    version = f"models:/{registration['name']}/{registration['version']}"
+    verdict = f"gate passed: {version} @champion" if registration.get("champion") else f"gate failed: {version}"
+    return f"**Test mIoU {per_dataset('test')} | val mIoU {per_dataset('val')} | data: {label} | weights: {weights} | {verdict}**"
+
+
+def pipeline_tags(inputs: ReportInputs, registration: Mapping[str, Any]) -> dict[str, str]:
+    """The parent run's tags, in the description's words: where the numbers and the model come from."""
+    return {
+        "data_source": str(_need(inputs.source, "source", "data/raw/source.json")),
+        "weights": describe_weights(_need(inputs.train, "weights_init", "metrics/train.json")),
+        "gate": "passed" if registration.get("gate_passed") else "failed",
+        "registered_model": f"models:/{registration['name']}/{registration['version']}",
+        "logged_model": str(registration["model_uri"]),
+    }
 
 
 def goal_section() -> str:

@@ -57,6 +57,9 @@ PID_TAG = "drywall_qa.pid"
 EXECUTION_TAG = "drywall_qa.execution"  # `<pid>-<start time>` of the dvc process that last ran a stage of it
 BY_HAND = "by-hand"  # the execution of stages run without dvc
 DESCRIPTION_TAG = "mlflow.note.content"  # what the MLflow UI shows as a run's (or experiment's) description
+# the MLflow UI's experiment type: this value opens run pages in its "Model training" mode
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
 LAST_STAGE = "report"  # its end finishes the parent run
 EXPERIMENT_DESCRIPTION = (
     "drywall-qa pipeline executions. Each parent run is one `dvc repro` or `dvc exp run`: every param, "
@@ -216,6 +219,9 @@ def configure(experiment: str = DEFAULT_EXPERIMENT) -> str:
     found = mlflow.set_experiment(experiment)
     if DESCRIPTION_TAG not in found.tags:
         MlflowClient().set_experiment_tag(found.experiment_id, DESCRIPTION_TAG, EXPERIMENT_DESCRIPTION)
+    kind = found.tags.get(EXPERIMENT_KIND_TAG, "")
+    if not kind or kind.endswith("_inferred"):  # the UI's own guess may be its GenAI mode; a user's choice stays
+        MlflowClient().set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
     return found.experiment_id
 
 
@@ -271,6 +277,13 @@ def log_to_pipeline(metrics: dict[str, float], run: Any = None) -> None:
 def describe_run(run_id: str, text: str) -> None:
     """Set a run's description (the MLflow UI's "Description" box)."""
     MlflowClient().set_tag(run_id, DESCRIPTION_TAG, text)
+
+
+def tag_run(run_id: str, tags: dict[str, str]) -> None:
+    """Set `tags` on a run other than the active one (the pipeline's parent)."""
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
 
 
 def _log_params(params: dict[str, Any], client: MlflowClient | None = None, run_id: str | None = None) -> None:
@@ -363,9 +376,10 @@ def stage_run(
 def _source_tags(all_params: dict[str, Any]) -> dict[str, str]:
     """Where a pipeline's numbers come from: data source and weights (the report says the same)."""
     model = all_params.get("model", {})
-    return {
+    scratch = f"scratch ({model.get('preset', '')}" + ("+conv_stem" if model.get("conv_stem") else "") + ")"
+    return {  # the same words as the report's (`report.describe_weights` of train.json's `weights_init`)
         "data_source": str(all_params.get("data", {}).get("source", "")),
-        "weights": str(model.get("weights") or f"scratch ({model.get('preset', '')})"),
+        "weights": str(model.get("weights") or scratch),
     }
 
 
