@@ -38,6 +38,7 @@ def register(stage: Stage) -> str:
             committed_metrics(gate["metrics_file"], repo=Path.cwd()),
             context,
             gated_metrics=gated,
+            onnx=True,  # the ONNX export rides along with the same version (drywall-qa predict --runtime onnx)
         )
     write_registration(paths.REGISTRY_RECORD, registration)
     alias = "now @champion" if registration.champion else "champion unchanged (gate did not pass)"

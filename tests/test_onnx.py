@@ -35,7 +35,8 @@ def photos(sizes=((40, 52), (97, 61), (64, 64), (130, 200))) -> list[Image.Image
     """Random photos of several shapes (one grey, converted like any other)."""
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
-    images[1] = images[1].convert("L")
+    if len(images) > 1:
+        images[1] = images[1].convert("L")
     return images
 
 
@@ -164,3 +165,61 @@ def test_bad_models_and_prompts_get_one_clear_error(scratch_export, tmp_path, ca
     assert "--runtime onnx takes an .onnx file" in capsys.readouterr().err
     assert cli_main(["export", "--model", str(folder), "--out", str(tmp_path / "model.bin")]) == 2
     assert "--out must name an .onnx file" in capsys.readouterr().err
+
+
+def test_the_registered_version_carries_the_onnx_export_for_the_pyfunc_and_predict(tmp_path, monkeypatch):
+    import base64
+
+    import mlflow
+    import pandas as pd
+
+    from drywall_qa.mlflow_model import ModelInputError
+    from drywall_qa.registry import CHAMPION_ALIAS, register_checkpoint
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.create_experiment("t", artifact_location=(tmp_path / "artifacts").as_uri())
+    torch.manual_seed(0)
+    model, processor = build_model("tiny", None, 32, False, prompts=PROMPTS[:2])
+    folder = tmp_path / "best"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    image = tmp_path / "photos" / "wall.png"
+    image.parent.mkdir()
+    photos([(40, 52)])[0].save(image)
+    (probs,) = predict_probs(model, processor, [Image.open(image).convert("RGB")], PROMPTS[:2], device="cpu")
+    chosen = [round(float(np.quantile(prob, q)), 4) for prob, q in zip(probs, (0.3, 0.8), strict=True)]
+    metrics = {"test.miou": 0.4, "threshold.segment_crack": chosen[0], "threshold.segment_wall_crack": chosen[1]}
+    metrics["boxes.segment_wall_crack"] = 1
+    try:
+        with mlflow.start_run(experiment_id=experiment):
+            register_checkpoint(folder, metrics, PROMPTS[:2], "drywall-onnx", ["test.*miou"], 0.02, {}, {}, onnx=True)
+        version = mlflow.MlflowClient().get_model_version_by_alias("drywall-onnx", CHAMPION_ALIAS)
+        assert version.tags["onnx"].startswith("model.onnx (")
+        champion = f"models:/drywall-onnx@{CHAMPION_ALIAS}"
+        rows = pd.DataFrame({"image": [base64.b64encode(image.read_bytes()).decode()] * 2, "prompt": PROMPTS[:2]})
+        by_torch = mlflow.pyfunc.load_model(champion).predict(rows)
+        onnx_pyfunc = mlflow.pyfunc.load_model(champion, model_config={"runtime": "onnx"})
+        assert onnx_pyfunc.unwrap_python_model().runtime == "onnx"
+        by_onnx = onnx_pyfunc.predict(rows)
+        expected = [binarize(probs[0], chosen[0]), binarize(probs[1], chosen[1], boxes=True)]
+        for torch_mask, onnx_mask, mask in zip(by_torch, by_onnx, expected, strict=True):
+            np.testing.assert_array_equal(onnx_mask, torch_mask)
+            np.testing.assert_array_equal(onnx_mask == 255, mask)
+
+        out = tmp_path / "masks"
+        prompts = [arg for prompt in PROMPTS[:2] for arg in ("--prompt", prompt)]
+        assert (
+            cli_main(["predict", "--runtime", "onnx", "--model", champion, "--out", str(out), *prompts, str(image)])
+            == 0
+        )
+        for prompt, mask in zip(PROMPTS[:2], expected, strict=True):
+            np.testing.assert_array_equal(read_mask(out / f"wall__{prompt.replace(' ', '_')}.png"), mask)
+
+        with mlflow.start_run(experiment_id=experiment):  # a version logged without the export
+            register_checkpoint(folder, metrics, PROMPTS[:2], "drywall-torch-only", ["test.*miou"], 0.02, {}, {})
+        with pytest.raises(ModelInputError, match="logged without an ONNX export"):
+            mlflow.pyfunc.load_model("models:/drywall-torch-only/1", model_config={"runtime": "onnx"})
+    finally:
+        mlflow.set_tracking_uri(None)

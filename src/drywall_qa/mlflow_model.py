@@ -17,6 +17,12 @@ original size (the same contract as the pipeline's mask PNGs).
 
 Rows that share an image are predicted together: one vision pass per distinct image.
 
+Runtime: PyTorch by default (the logged model config `runtime: torch`). A model logged with an ONNX
+export (`onnx_file`; the `register` stage does) runs it with ONNX Runtime instead when the config
+says so: `mlflow.pyfunc.load_model(uri, model_config={"runtime": "onnx"})`, or, for `mlflow models
+serve`, MLflow's `MLFLOW_PYFUNC_INFERENCE_CONFIG='{"runtime": "onnx"}'` where it runs. The mask rules
+are the same code and the same `thresholds.json` either way.
+
 Bad input raises an `MlflowException` (INVALID_PARAMETER_VALUE) carrying the project's message, so
 `mlflow models serve` answers HTTP 400 with that text in the response's `message` (any other
 exception becomes MLflow's generic "unexpected error", with the useful text only in `stack_trace`).
@@ -48,6 +54,8 @@ from drywall_qa.errors import DrywallQAError
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 THRESHOLDS_ARTIFACT = "thresholds"
+ONNX_ARTIFACT = "onnx"
+RUNTIMES = ("torch", "onnx")
 INPUT_COLUMNS = ("image", "prompt")
 
 
@@ -137,11 +145,24 @@ class ClipSegPyfunc(mlflow.pyfunc.PythonModel):
     """Text-prompted drywall segmentation: (image, prompt) rows -> {0, 255} masks."""
 
     def load_context(self, context) -> None:
-        from drywall_qa.inference import select_device
-        from drywall_qa.model import load_model
+        runtime = (context.model_config or {}).get("runtime", "torch")
+        if runtime not in RUNTIMES:
+            raise ModelInputError(f"model config runtime must be one of {RUNTIMES}, got {runtime!r}")
+        if runtime == "onnx":
+            from drywall_qa.onnx_runtime import load_onnx_model, onnx_predict_probs
 
-        self.model, self.processor = load_model(context.artifacts[CHECKPOINT_ARTIFACT])
-        self.device = select_device()
+            if ONNX_ARTIFACT not in context.artifacts:
+                raise ModelInputError("runtime onnx asked for, but this model was logged without an ONNX export")
+            onnx_model = load_onnx_model(context.artifacts[ONNX_ARTIFACT])
+            self.probs_of = lambda image, prompts: onnx_predict_probs(onnx_model, [image], prompts)[0]
+        else:
+            from drywall_qa.inference import predict_probs, select_device
+            from drywall_qa.model import load_model
+
+            model, processor = load_model(context.artifacts[CHECKPOINT_ARTIFACT])
+            device = select_device()
+            self.probs_of = lambda image, prompts: predict_probs(model, processor, [image], prompts, device=device)[0]
+        self.runtime = runtime
         path = context.artifacts.get(THRESHOLDS_ARTIFACT)
         self.thresholds = read_thresholds(path) if path else {}
         self.boxed = read_boxed(path) if path else frozenset()
@@ -154,7 +175,6 @@ class ClipSegPyfunc(mlflow.pyfunc.PythonModel):
 
     def _masks(self, model_input: pd.DataFrame, params: dict[str, Any]) -> list[np.ndarray]:
         from drywall_qa.contracts.masks import binarize
-        from drywall_qa.inference import predict_probs
 
         missing = [column for column in INPUT_COLUMNS if column not in model_input.columns]
         if missing:
@@ -169,7 +189,7 @@ class ClipSegPyfunc(mlflow.pyfunc.PythonModel):
         for value, rows in rows_by_image.items():
             image = decode_image(value)
             prompts = list(dict.fromkeys(str(model_input["prompt"].iloc[row]) for row in rows))
-            (probs,) = predict_probs(self.model, self.processor, [image], prompts, device=self.device)
+            probs = self.probs_of(image, prompts)
             for row in rows:
                 prompt = str(model_input["prompt"].iloc[row])
                 threshold = float(override) if override is not None else self.thresholds.get(prompt, DEFAULT_THRESHOLD)
@@ -212,9 +232,11 @@ def log_pyfunc_model(
     thresholds_file: str | Path | None = None,
     registered_model_name: str | None = None,
     name: str = "model",
+    onnx_file: str | Path | None = None,
 ) -> mlflow.models.model.ModelInfo:
     """Log `checkpoint_dir` (a `save_pretrained` folder) as a pyfunc model of the active run, with
-    `thresholds_file` (contracts.thresholds) as its default per-prompt thresholds.
+    `thresholds_file` (contracts.thresholds) as its default per-prompt thresholds and `onnx_file`
+    (`drywall_qa.onnx_export`), when given, as the artifact its ONNX runtime runs.
 
     The `drywall_qa` package goes with it (`code_paths`), so the model loads where the package is
     not installed. Registers it under `registered_model_name` when given.
@@ -223,13 +245,17 @@ def log_pyfunc_model(
     if not (checkpoint_dir / "config.json").is_file():
         raise FileNotFoundError(f"{checkpoint_dir} is not a save_pretrained checkpoint (no config.json)")
     package_dir = Path(__file__).resolve().parent
+    artifacts = {CHECKPOINT_ARTIFACT: str(checkpoint_dir)}
+    artifacts |= {THRESHOLDS_ARTIFACT: str(thresholds_file)} if thresholds_file else {}
+    artifacts |= {ONNX_ARTIFACT: str(onnx_file)} if onnx_file else {}
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=ClipSegPyfunc(),
-        artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_dir)}
-        | ({THRESHOLDS_ARTIFACT: str(thresholds_file)} if thresholds_file else {}),
+        artifacts=artifacts,
         code_paths=[str(package_dir)],
         signature=pyfunc_signature(),
-        pip_requirements=pip_requirements(),
+        # logged so that a load may override it: MLflow only overrides keys the logged config has
+        model_config={"runtime": "torch"},
+        pip_requirements=pip_requirements() + (pip_requirements(("onnxruntime",)) if onnx_file else []),
         registered_model_name=registered_model_name,
     )
