@@ -165,6 +165,41 @@ def test_dataset_pairs_each_image_with_its_prompts_and_empty_negatives(tmp_path)
     assert batch["masks"].shape == (6, 32, 32)
 
 
+def test_sampled_prompts_train_one_own_and_one_negative_pair_and_cover_every_prompt(tmp_path):
+    make_manifest(tmp_path)
+    rows = read_manifest(tmp_path / "manifest.csv")
+    records = image_records(rows, "train", tmp_path)
+    prompts = prompts_by_dataset(rows)
+    sampled = SegmentationDataset(
+        records, prompts, 32, [0.5] * 3, [0.2] * 3, augment=True, negative_prompts=True, seed=0, sample_prompts=True
+    )
+    full = SegmentationDataset(records, prompts, 32, [0.5] * 3, [0.2] * 3, augment=True, negative_prompts=True, seed=0)
+    seen = set()
+    for epoch in range(12):
+        sampled.set_epoch(epoch)
+        full.set_epoch(epoch)
+        item, everything = sampled[0], full[0]  # a cracks image
+        names = [sampled.prompt_list[i] for i in item["prompt_index"]]
+        assert item["positive"].tolist() == [True, False]  # one of its own prompts, then one negative
+        assert names[0] in ("segment crack", "segment wall crack") and names[1] == "segment taping area"
+        # the same pixels and, for the kept pairs, the same masks as the full item of that epoch
+        assert torch.equal(item["pixel_values"], everything["pixel_values"])
+        kept = [everything["prompt_index"].tolist().index(i) for i in item["prompt_index"].tolist()]
+        assert torch.equal(item["masks"], everything["masks"][kept])
+        seen.add(names[0])
+    assert seen == {"segment crack", "segment wall crack"}  # over the epochs every synonym gets its turn
+    sampled.set_epoch(3)
+    assert torch.equal(sampled[0]["prompt_index"], sampled[0]["prompt_index"])  # seeded: the same draw again
+
+
+def test_training_with_sampled_prompts_validates_every_pair(tmp_path):
+    make_manifest(tmp_path)
+    summary = run_training(tmp_path, tiny_config(epochs=2, sample_prompts=True))
+    history = pd.read_csv(tmp_path / "out" / "history.csv")
+    assert len(history) == 2 and history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+    assert summary["val_images"] == 4 and 0 <= summary["best_val_miou"] <= 1
+
+
 def test_augmented_views_are_reproducible_and_cycle(tmp_path):
     make_manifest(tmp_path)
     rows = read_manifest(tmp_path / "manifest.csv")

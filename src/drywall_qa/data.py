@@ -202,6 +202,7 @@ class SegmentationDataset(Dataset):
         crop: CropConfig | None = None,
         patch_size: int = 16,
         resize_augment: ResizeAugment = ResizeAugment(),
+        sample_prompts: bool = False,
     ):
         if not records:
             raise ManifestError("the split has no images")
@@ -224,6 +225,7 @@ class SegmentationDataset(Dataset):
         else:
             self.augmentation = build_augmentation(resize_augment) if augment else None
         self.negative_prompts = negative_prompts
+        self.sample_prompts = sample_prompts
         self.seed = seed
         self.views = views
         self.epoch = 0
@@ -278,6 +280,9 @@ class SegmentationDataset(Dataset):
             ]
             prompts += negatives
             masks = np.concatenate([own_masks, np.zeros((len(negatives), *own_masks.shape[1:]), np.uint8)])
+        if self.sample_prompts:
+            keep = self.sampled_pairs(index, own=len(record.prompts), total=len(prompts))
+            prompts, masks = [prompts[k] for k in keep], masks[keep]
         if self.augmentation is not None:
             self.augmentation.set_random_seed(view_seed(self.seed, self.image_hash(index), view))
             out = self.augmentation(image=image, masks=list(masks))
@@ -290,6 +295,19 @@ class SegmentationDataset(Dataset):
             "index": index,
             "view": view,
         }
+
+    def sampled_pairs(self, index: int, own: int, total: int) -> list[int]:
+        """With `sample_prompts`: which of an item's `total` pairs (its `own` prompts first, then the
+        negatives) this epoch trains: one own prompt and one negative, drawn per image and epoch.
+
+        A dataset's prompts are synonyms with one mask, so decoding all of them every step repeats the
+        same lesson (the decoder runs once per pair); over the epochs every prompt still gets its turn.
+        """
+        rng = np.random.default_rng([self.seed, int(self.image_hash(index)[:16], 16), self.epoch])
+        keep = [int(rng.integers(own))]
+        if total > own:
+            keep.append(own + int(rng.integers(total - own)))
+        return keep
 
     def _load_resized(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         if index not in self._resized:

@@ -119,6 +119,7 @@ class TrainParams(_Section):
     augment_color: Annotated[float, Field(ge=0, le=0.5)] = 0.0
     cldice_weight: Annotated[float, Field(ge=0)] = 0.0
     cldice_datasets: list[str] = ["cracks"]
+    sample_prompts: bool = False
 
 
 class EvaluateParams(_Section):

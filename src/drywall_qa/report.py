@@ -249,6 +249,12 @@ def approach_section(inputs: ReportInputs, params: dict) -> str:
                     if train["negative_prompts"]
                     else "no",
                 ),
+                (
+                    "pairs per photo and epoch",
+                    "one of its prompts and one negative, drawn per epoch (train.sample_prompts)"
+                    if train.get("sample_prompts")
+                    else "all of its prompts" + (" and every negative" if train["negative_prompts"] else ""),
+                ),
             ],
         ),
         "",

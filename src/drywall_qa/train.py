@@ -116,6 +116,7 @@ class TrainConfig:
     augment_color: float = 0.0  # resize mode: colour jitter strength (data.ResizeAugment)
     cldice_weight: float = 0.0  # > 0: soft clDice on the pairs of `cldice_datasets`' prompts
     cldice_datasets: tuple[str, ...] = ("cracks",)
+    sample_prompts: bool = False  # True: each photo trains one own prompt and one negative per epoch
     inference: InferenceConfig = field(default_factory=InferenceConfig)
 
     def __post_init__(self) -> None:
@@ -139,6 +140,7 @@ class TrainConfig:
             "augment_color",
             "cldice_weight",
             "cldice_datasets",
+            "sample_prompts",
         }
         names = {name for name in cls.__dataclass_fields__} - {
             "seed",
@@ -710,9 +712,10 @@ def _datasets(
         views=config.cached_views if config.uses_cache else None,
         crop=config.crop() if native else None,
         resize_augment=config.resize_augment(),
+        sample_prompts=config.sample_prompts,
         **geometry,
     )
-    val_set = SegmentationDataset(
+    val_set = SegmentationDataset(  # every pair: val checks each prompt, and that the wrong ones stay empty
         val_records,
         prompts,
         config.image_size,
