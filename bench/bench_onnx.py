@@ -243,7 +243,7 @@ def main() -> None:
         runtimes = {runtime: measured(runtime, workdir, args.images) for runtime in ("torch", "onnx", "onnx_int8")}
         results = {
             "settings": RECIPE | {"prompts": PROMPTS, "threads": THREADS, "batch": BATCH, "photos": len(photos)},
-            "photos_from": str(photos[0].parent.parent.relative_to(REPO.parent))
+            "photos_from": "shared/realdata, half cracks and half taping"
             if "realdata" in str(photos[0])
             else "synthetic",
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
