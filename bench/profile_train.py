@@ -228,12 +228,12 @@ def summarise(runs: list[dict[str, Any]], trainer: Trainer, validation: float) -
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
     from drywall_qa.numerics import configure_cpu_numerics
 
     params = recipe_params(args.threads)
-    configure_cpu_numerics(params["cpu_numerics"])
+    configure_cpu_numerics(params["cpu_numerics"])  # before torch loads: its OpenMP reads the wait policy once
+    import torch
+
     torch.set_num_threads(args.threads)
     manifest = prepare_real_split(args.workspace, args.shared)
     trainers = {name: Trainer(params, levers, manifest, args.workspace) for name, levers in PATHS.items()}

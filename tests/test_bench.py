@@ -122,3 +122,17 @@ def test_a_subset_of_phases_runs_alone_and_resume_reuses_it(tmp_path):
         [*command, "--phases", "inference,warp"], capture_output=True, text=True, timeout=120, check=False
     )
     assert rejected.returncode == 2 and "unknown ['warp']" in rejected.stderr
+
+
+def test_the_training_profile_measures_the_real_recipe_and_tables_its_parts():
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import profile_train
+
+    params = profile_train.recipe_params(threads=1)
+    assert params["data"]["source"] == "local" and params["model"]["conv_stem"] == [24, 48, 96, 96]
+    assert params["train"]["num_threads"] == 1 and params["train"]["ema_decay"] == 0.998
+    assert profile_train.PATHS["after"]["sample_prompts"] and not profile_train.PATHS["before"]["sample_prompts"]
+    row = {"steps": 4, "share": dict.fromkeys(profile_train.PARTS, 1 / 6), "pairs_per_step": 40.0}
+    row |= {"seconds_per_step": 0.5, "cpu_percent": 190.0, "validation_seconds": 6.0, "seconds_per_epoch": 99.0}
+    printed = profile_train.table({"before": row, "after": {**row, "seconds_per_epoch": 49.5}})
+    assert "| backward | 16.7% | 16.7% |" in printed and "| epoch time / before | 1.0 | 0.5 |" in printed
