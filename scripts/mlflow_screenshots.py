@@ -7,7 +7,7 @@ headless Chromium (Playwright with the system browser: `apt-get install chromium
 extra: `pip install -e ".[ui]"`), and saves to `docs/screenshots/`:
 - `runs_table.png`: the experiment's runs, one parent per pipeline execution;
 - `parent_overview.png`: the latest parent: its params, headline metrics, tags and description;
-- `train_charts.png`: the latest train stage run's per-epoch charts (loss, val mIoU, learning rate);
+- `train_charts.png`: the latest train stage run's per-epoch charts (loss, val mIoU, learning rate, seconds);
 - `compare.png`: the two latest parents in MLflow's Compare view.
 """
 
@@ -68,7 +68,8 @@ def pages(store: str, experiment_name: str) -> dict[str, str]:
         raise SystemExit("no pipeline parent runs yet: run `dvc repro` first")
     trains = client.search_runs([eid], "tags.stage = 'train'", order_by=["attributes.start_time DESC"], max_results=1)
     routes = {
-        "runs_table": f"/experiments/{eid}/runs?workflowType=machine_learning",
+        # no `workflowType` in the routes: the pages open in the mode the experiment's kind tag chooses
+        "runs_table": f"/experiments/{eid}/runs",
         "parent_overview": f"/experiments/{eid}/runs/{parents[0].info.run_id}",
     }
     if trains:
@@ -110,11 +111,11 @@ def main() -> int:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=args.browser, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            page.goto(f"http://127.0.0.1:{port}/#/experiments?workflowType=machine_learning", wait_until="load")
+            page.goto(f"http://127.0.0.1:{port}/#/experiments", wait_until="load")
             time.sleep(SETTLE_SECONDS)
             for name, route in routes.items():
-                # the train run has 19 charts (summary bars first, then the per-epoch curves): show them all
-                page.set_viewport_size({"width": 1600, "height": 2600 if name == "train_charts" else 1000})
+                # the train run's per-epoch charts and its few summary scores: show them all
+                page.set_viewport_size({"width": 1600, "height": 1800 if name == "train_charts" else 1000})
                 page.goto(f"http://127.0.0.1:{port}/#{route}", wait_until="load")
                 time.sleep(SETTLE_SECONDS)
                 dismiss_popups(page)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -278,6 +279,10 @@ def workspace(tmp_path, monkeypatch, synthetic_exports):
     monkeypatch.setenv("DVC_ROOT", str(work))
     yield exports, work
     mlflow.set_tracking_uri(None)
+    # the stage set this process's active experiment (MLflow keeps it in a global and in the environment);
+    # the next test's new store has no experiment of that id
+    mlflow.tracking.fluent._active_experiment_id = None
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)  # not monkeypatch: its undo would put the value back
 
 
 def load_download_stage():
