@@ -68,8 +68,9 @@ def pages(store: str, experiment_name: str) -> dict[str, str]:
         raise SystemExit("no pipeline parent runs yet: run `dvc repro` first")
     trains = client.search_runs([eid], "tags.stage = 'train'", order_by=["attributes.start_time DESC"], max_results=1)
     routes = {
-        # no `workflowType` in the routes: the pages open in the mode the experiment's kind tag chooses
-        "runs_table": f"/experiments/{eid}/runs",
+        # MLflow 3.17's UI takes its mode from `workflowType` in the URL, else the browser's last choice
+        # (GenAI at first): the README's link chooses Model training, and so do these routes
+        "runs_table": f"/experiments/{eid}/runs?workflowType=machine_learning",
         "parent_overview": f"/experiments/{eid}/runs/{parents[0].info.run_id}",
     }
     if trains:
@@ -113,6 +114,10 @@ def main() -> int:
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
             page.goto(f"http://127.0.0.1:{port}/#/experiments", wait_until="load")
             time.sleep(SETTLE_SECONDS)
+            toggle = page.get_by_text("Model training", exact=True)
+            if toggle.count():  # what a user does once: the browser then keeps the choice for every page
+                toggle.first.click()
+                time.sleep(1)
             for name, route in routes.items():
                 # the train run's per-epoch charts and its few summary scores: show them all
                 page.set_viewport_size({"width": 1600, "height": 1800 if name == "train_charts" else 1000})

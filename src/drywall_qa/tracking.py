@@ -57,7 +57,8 @@ PID_TAG = "drywall_qa.pid"
 EXECUTION_TAG = "drywall_qa.execution"  # `<pid>-<start time>` of the dvc process that last ran a stage of it
 BY_HAND = "by-hand"  # the execution of stages run without dvc
 DESCRIPTION_TAG = "mlflow.note.content"  # what the MLflow UI shows as a run's (or experiment's) description
-# the MLflow UI's experiment type: this value opens run pages in its "Model training" mode
+# the experiment's type for MLflow: a training experiment, not a GenAI one. (MLflow 3.17's UI still takes its
+# GenAI / Model training mode from `?workflowType=` in the URL or the browser's last choice: the README's link.)
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
 LAST_STAGE = "report"  # its end finishes the parent run
@@ -220,7 +221,7 @@ def configure(experiment: str = DEFAULT_EXPERIMENT) -> str:
     if DESCRIPTION_TAG not in found.tags:
         MlflowClient().set_experiment_tag(found.experiment_id, DESCRIPTION_TAG, EXPERIMENT_DESCRIPTION)
     kind = found.tags.get(EXPERIMENT_KIND_TAG, "")
-    if not kind or kind.endswith("_inferred"):  # the UI's own guess may be its GenAI mode; a user's choice stays
+    if not kind or kind.endswith("_inferred"):  # an inferred kind may be a GenAI guess; a user's choice stays
         MlflowClient().set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
     return found.experiment_id
 
