@@ -54,10 +54,10 @@ out="${REAL_OUT_DIR:-metrics/real}"
 # pair at 224 px; metrics/real_cldice/); the `small` preset (4.05 M parameters against 1.01 M), stopped
 # at epoch 14, when its per-epoch val trailed this recipe's at the same epoch (0.349 vs 0.376) at 1.6x
 # the time per epoch, so 30 epochs would not fit 90 minutes on a slow day (metrics/real_small_stopped/).
-# One own prompt and one negative per photo and epoch (train.sample_prompts) instead of all five pairs: the
-# decoder runs once per pair and a dataset's prompts are synonyms with one mask. 8-epoch runs of this recipe
-# on val (metrics/real_sample_prompts/): 0.298 / 0.300 against 0.277 / 0.287 with all pairs, at 411 s
-# against 681 s of training (0.60x); kept. bench/profile_train.py splits a step before and after.
+# Not kept: one own prompt and one negative per photo and epoch (train.sample_prompts) instead of all
+# five pairs. 8-epoch runs on val looked better and faster (0.298 / 0.300 against 0.277 / 0.287, 411 s
+# against 681 s, metrics/real_sample_prompts/ablation.md), but the full 30-epoch run ended lower on both
+# (val 0.398 / 0.452 against this recipe's 0.405 / 0.473; metrics/real_sample_prompts/full/).
 # Two torch threads (TRAIN_THREADS), for training and (OMP_NUM_THREADS) evaluation: alone on a 2-core
 # machine they run 1.4x faster than one; on a busy machine set TRAIN_THREADS=1 (two threads then
 # oversubscribe and ran 4-6x slower). Native CPU kernels: the real run is not gated, so it takes the
@@ -80,7 +80,6 @@ recipe=(
   -S train.bce_weight=1.0
   -S train.dice_weight=1.0
   -S train.negative_prompts=true
-  -S train.sample_prompts=true
   -S train.augment=true
   -S train.early_stopping_patience=12
   -S train.num_threads="$threads"
