@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from required import require_realdata
 from safetensors.torch import load_file
 
 from drywall_qa.convert import convert_all
@@ -50,8 +51,7 @@ def local_params(limit: int) -> dict:
 @pytest.fixture(scope="module")
 def real_slice(tmp_path_factory) -> Path:
     """download (local, a seeded slice) -> convert -> split, run once into a temp folder."""
-    if not REALDATA.is_dir():
-        pytest.skip(f"real Roboflow exports not found at {REALDATA}")
+    require_realdata(REALDATA)  # skips without the exports, fails under CI (DRYWALL_QA_REQUIRE_REALDATA)
     root = tmp_path_factory.mktemp("real")
     fetch_raw_data(local_params(SLICE), seed=42, raw_dir=root / "data/raw", repo_root=REPO)
     convert_all(

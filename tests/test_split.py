@@ -9,6 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from required import require_realdata
 
 from drywall_qa.contracts.atomic import write_csv_atomic
 from drywall_qa.contracts.manifest import IMAGES_CSV_COLUMNS, MANIFEST_COLUMNS, ManifestError
@@ -182,8 +183,8 @@ def slice_export(source: Path, target: Path, groups_per_dataset: int, must_inclu
         (target / name / "_annotations.coco.json").write_text(json.dumps(coco))
 
 
-@pytest.mark.skipif(not REALDATA.is_dir(), reason=f"real Roboflow exports not found at {REALDATA}")
 def test_real_exports_convert_and_split_without_leaks(tmp_path):
+    require_realdata(REALDATA)  # skips without the exports, fails under CI (DRYWALL_QA_REQUIRE_REALDATA)
     raw = tmp_path / "data/raw"
     # Crack annotations with an empty segmentation (bbox fallback) and taping's zero-area boxes.
     slice_export(REALDATA / "cracks-3ii36", raw / "cracks", 25, lambda a: a["segmentation"] == [])
