@@ -706,7 +706,7 @@ def _inference_table(results: dict[str, Any]) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny preset, a few images, 2 epochs (< 1 min)")
     parser.add_argument(
@@ -726,8 +726,57 @@ def main(argv: list[str] | None = None) -> int:
         help="with --workdir: keep the phases an earlier run there finished with the same settings, run the rest",
     )
     parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)  # internal: run one phase
-    args = parser.parse_args(argv)
+    return parser, parser.parse_args(argv)
 
+
+def run_phases(
+    args: argparse.Namespace, selected: list[str], settings: BenchSettings, out: Path, params: dict, workdir: Path
+) -> tuple[dict, dict, dict]:
+    """Generate the data in `workdir`, run each selected phase in a child process (or reuse an earlier
+    run's with --resume), writing partial results to `out` after each; returns (data, config, phases)."""
+    log(f"{settings.mode} benchmark in {workdir}: generating the synthetic data set")
+    data = prepare_data(workdir, settings, params["prompts"], int(params["seed"]))
+    config = train_config(settings, params)
+    inputs = {"settings": asdict(settings), "config": config}
+    inputs_file = workdir / "bench_inputs.json"
+    same_inputs = inputs_file.exists() and json.loads(inputs_file.read_text(encoding="utf-8")) == inputs
+    if args.resume and not same_inputs:
+        log("--resume: the earlier run used other settings (or none is there); running every phase")
+    write_json_atomic(inputs_file, inputs)
+    phases = {}
+    for name in (name for name in PHASES if name in selected):
+        finished = workdir / f"phase_{name}.json"
+        if args.resume and same_inputs and finished.exists():
+            phases[name] = {**json.loads(finished.read_text(encoding="utf-8")), "reused_from_earlier_run": True}
+            log(f"phase {name}: reusing the earlier run's result ({finished})")
+            continue
+        finished.unlink(missing_ok=True)
+        phases[name] = run_phase_in_child(name, workdir)
+        write_json_atomic(
+            out, {"complete": False, "settings": asdict(settings), "config": config, "data": data, "phases": phases}
+        )
+    return data, config, phases
+
+
+def machine_info(settings: BenchSettings) -> dict:
+    import torch
+
+    return {
+        "device": settings.device,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "load_average_end": [round(value, 2) for value in os.getloadavg()],
+        "gpu": (
+            "not measured: no CUDA device on this machine"
+            if not torch.cuda.is_available()
+            else f"{torch.cuda.get_device_name(0)} present but this run used {settings.device}"
+        ),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, args = parse_args(argv)
     if args.phase:
         child_main(args.phase, args.workdir)
         return 0
@@ -749,49 +798,16 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
-        log(f"{settings.mode} benchmark in {workdir}: generating the synthetic data set")
-        data = prepare_data(workdir, settings, params["prompts"], int(params["seed"]))
-        config = train_config(settings, params)
-        inputs = {"settings": asdict(settings), "config": config}
-        inputs_file = workdir / "bench_inputs.json"
-        same_inputs = inputs_file.exists() and json.loads(inputs_file.read_text(encoding="utf-8")) == inputs
-        if args.resume and not same_inputs:
-            log("--resume: the earlier run used other settings (or none is there); running every phase")
-        write_json_atomic(inputs_file, inputs)
-        phases = {}
-        for name in (name for name in PHASES if name in selected):
-            finished = workdir / f"phase_{name}.json"
-            if args.resume and same_inputs and finished.exists():
-                phases[name] = {**json.loads(finished.read_text(encoding="utf-8")), "reused_from_earlier_run": True}
-                log(f"phase {name}: reusing the earlier run's result ({finished})")
-                continue
-            finished.unlink(missing_ok=True)
-            phases[name] = run_phase_in_child(name, workdir)
-            write_json_atomic(
-                out, {"complete": False, "settings": asdict(settings), "config": config, "data": data, "phases": phases}
-            )
+        data, config, phases = run_phases(args, selected, settings, out, params, workdir)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    import torch
-
     results = {
         "complete": selected == list(PHASES),
         "settings": asdict(settings),
         "config": config,
         "data": data,
-        "machine": {
-            "device": settings.device,
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "load_average_end": [round(value, 2) for value in os.getloadavg()],
-            "gpu": (
-                "not measured: no CUDA device on this machine"
-                if not torch.cuda.is_available()
-                else f"{torch.cuda.get_device_name(0)} present but this run used {settings.device}"
-            ),
-        },
+        "machine": machine_info(settings),
         "phases": phases,
         "summary": summarise(phases, settings.epochs),
         "total_s": round(time.perf_counter() - started, 3),
