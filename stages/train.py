@@ -44,9 +44,10 @@ def train_stage(stage: Stage) -> str:
     import mlflow
     from transformers.utils import logging as hf_logging
 
-    from drywall_qa.checkpoint import read_history
     from drywall_qa.tracking import log_dataset, log_to_pipeline
-    from drywall_qa.train import TrainConfig, resumable_run_id, train
+    from drywall_qa.training.checkpoint import read_history
+    from drywall_qa.training.config import TrainConfig
+    from drywall_qa.training.loop import resumable_run_id, train
 
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar per checkpoint in the stage log
 

@@ -32,7 +32,9 @@ from drywall_qa.inference import (
     working_size,
 )
 from drywall_qa.model import build_model, encode_prompts, load_model, tokenize_prompts
-from drywall_qa.train import TrainConfig, TrainConfigError
+from drywall_qa.params import ParamsError
+from drywall_qa.training.config import TrainConfig
+from drywall_qa.training.forward import inference_of
 
 ALL_PROMPTS = [prompt for dataset in sorted(PROMPTS) for prompt in PROMPTS[dataset]]
 
@@ -206,19 +208,22 @@ def test_config_reads_inference_and_crop_params():
         "inference": {"mode": "whole", "scale": 0.75, "overlap": 0.5},
     }
     config = TrainConfig.from_params(params)
-    assert config.inference == InferenceConfig("whole", 0.75, 0.5) and config.crop_scale_jitter == (0.7, 1.4)
-    with pytest.raises(TrainConfigError, match="inference.mode"):
+    assert inference_of(config) == InferenceConfig("whole", 0.75, 0.5) and config.train.crop_scale_jitter == [
+        0.7,
+        1.4,
+    ]
+    with pytest.raises(ParamsError, match="inference.mode"):
         TrainConfig.from_params({**params, "inference": {"mode": "tiles"}})
-    with pytest.raises(TrainConfigError, match="crop_scale_jitter"):
+    with pytest.raises(ParamsError, match="crop_scale_jitter"):
         TrainConfig.from_params({**params, "train": {**params["train"], "crop_scale_jitter": 0.5}})
-    with pytest.raises(TrainConfigError, match="crop_foreground_prob"):
+    with pytest.raises(ParamsError, match="crop_foreground_prob"):
         TrainConfig.from_params({**params, "train": {**params["train"], "crop_foreground_prob": 2}})
-    assert config.resize_augment() == ResizeAugment()  # absent keys: the mild default
+    assert (config.train.augment_scale, config.train.augment_color) == ([0.9, 1.1], 0.0)  # absent: the mild default
     strong = TrainConfig.from_params(
         {**params, "train": {**params["train"], "augment_scale": [0.75, 1.33], "augment_color": 0.3}}
     )
-    assert strong.resize_augment() == ResizeAugment(scale=(0.75, 1.33), color=0.3)
-    with pytest.raises(TrainConfigError, match="augment_color"):
+    assert (strong.train.augment_scale, strong.train.augment_color) == ([0.75, 1.33], 0.3)
+    with pytest.raises(ParamsError, match="augment_color"):
         TrainConfig.from_params({**params, "train": {**params["train"], "augment_color": -0.1}})
 
 
@@ -227,7 +232,7 @@ def test_native_training_saves_its_inference_setting_and_predicts_at_full_size(t
     make_manifest(tmp_path, size=64)
     config = tiny_config(
         epochs=2,
-        inference=InferenceConfig(mode=mode, scale=1.0, overlap=0.5),
+        inference={"mode": mode, "scale": 1.0, "overlap": 0.5},
         crop_scale_jitter=(0.8, 1.25),
         crop_foreground_prob=0.7,
     )
@@ -267,7 +272,7 @@ def test_a_pretrained_folder_takes_the_same_native_pipeline_at_its_own_input_siz
         weights=str(folder),
         image_size=32,
         freeze_backbone=True,
-        inference=InferenceConfig(mode="whole", scale=1.0),
+        inference={"mode": "whole", "scale": 1.0},
         crop_foreground_prob=1.0,
     )
     summary = run_training(tmp_path, config)

@@ -21,7 +21,8 @@ from drywall_qa.convert import convert_all
 from drywall_qa.model import build_model
 from drywall_qa.sources import fetch_raw_data
 from drywall_qa.split import write_split
-from drywall_qa.train import TrainConfig, train
+from drywall_qa.training.config import TrainConfig
+from drywall_qa.training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 REALDATA = REPO.parent / "shared" / "realdata"

@@ -19,6 +19,7 @@ from drywall_qa.report import (
     write_report,
 )
 from drywall_qa.runtime import measure_runtime
+from drywall_qa.training.config import TrainConfig
 
 PARAMS = load_params(Path(__file__).parents[1] / "params.yaml")
 SECTIONS = [
@@ -272,34 +273,36 @@ def test_report_states_how_masks_are_made_and_the_wall_time_of_each_stage(inputs
     assert "### Wall time per stage" not in resized  # no MLflow record of the stages: no table
 
 
+def config_with(**sections) -> TrainConfig:
+    """The committed params' training config with some keys of some sections changed."""
+    return TrainConfig.from_params(PARAMS).changed(**sections)
+
+
 def test_the_report_names_the_test_time_views_and_counts_their_passes():
     from drywall_qa.report import _passes, describe_inference
 
-    params = {
-        "model": {"image_size": 224},
-        "inference": {"mode": "resize", "flips": ["horizontal", "vertical"], "sizes": [256]},
-    }
-    assert describe_inference(params) == (
+    config = config_with(model={"image_size": 224}, inference={"flips": ["horizontal", "vertical"], "sizes": [256]})
+    assert describe_inference(config) == (
         "the photo resized to 256 x 256 (the model trains at 224 x 224), logits upsampled to its size; "
         "also mirrored horizontal and vertical, the views' logits averaged"
     )
-    assert _passes(params) == "3 test-time views, one vision pass each"
-    assert _passes({"inference": {"mode": "resize"}}) == "one vision pass"
+    assert _passes(config.inference) == "3 test-time views, one vision pass each"
+    assert _passes(config_with(inference={"mode": "resize"}).inference) == "one vision pass"
 
 
 def test_the_report_states_the_augmentation_its_params_chose():
     from drywall_qa.report import describe_augmentation
 
-    resize = {"inference": {"mode": "resize"}}
-    assert describe_augmentation({**resize, "train": {"augment": False}}) == "none"
-    assert describe_augmentation({**resize, "train": {"augment": True}}) == (
+    resize = {"mode": "resize"}
+    assert describe_augmentation(config_with(inference=resize, train={"augment": False})) == "none"
+    assert describe_augmentation(config_with(inference=resize, train={"augment": True})) == (
         "flips, zoom 0.9–1.1, ±15° rotation, brightness/contrast"
     )
-    strong = {**resize, "train": {"augment": True, "augment_scale": [0.75, 1.33], "augment_color": 0.3}}
+    strong = config_with(inference=resize, train={"augment": True, "augment_scale": [0.75, 1.33], "augment_color": 0.3})
     assert (
         describe_augmentation(strong) == "flips, zoom 0.75–1.33, ±15° rotation, brightness/contrast, colour jitter 0.3"
     )
-    native = {"inference": {"mode": "whole"}, "train": {"augment": True, "crop_scale_jitter": [0.7, 1.4]}}
+    native = config_with(inference={"mode": "whole"}, train={"augment": True, "crop_scale_jitter": [0.7, 1.4]})
     assert describe_augmentation(native).startswith("crops at scale 0.7–1.4")
 
 
@@ -307,9 +310,11 @@ def test_the_report_states_the_loss_with_its_cldice_term_when_on():
     from drywall_qa.report import describe_loss
 
     plain = {"bce_weight": 1.0, "dice_weight": 1.0}
-    assert describe_loss(plain) == "1.0 x BCE + 1.0 x Dice"
-    assert describe_loss({**plain, "cldice_weight": 0.0, "cldice_datasets": ["cracks"]}) == "1.0 x BCE + 1.0 x Dice"
-    assert describe_loss({**plain, "cldice_weight": 0.5, "cldice_datasets": ["cracks"]}) == (
+    assert describe_loss(config_with(train=plain).train) == "1.0 x BCE + 1.0 x Dice"
+    off = {**plain, "cldice_weight": 0.0, "cldice_datasets": ["cracks"]}
+    assert describe_loss(config_with(train=off).train) == "1.0 x BCE + 1.0 x Dice"
+    on = {**plain, "cldice_weight": 0.5, "cldice_datasets": ["cracks"]}
+    assert describe_loss(config_with(train=on).train) == (
         "1.0 x BCE + 1.0 x Dice + 0.5 x soft clDice on the cracks prompts"
     )
 

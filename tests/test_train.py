@@ -6,7 +6,6 @@ import csv
 import json
 import os
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -16,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 
-from drywall_qa.checkpoint import HISTORY_COLUMNS, OPTIMIZER_FILE, read_state, recover_checkpoints, save_checkpoint
 from drywall_qa.contracts.manifest import (
     MANIFEST_COLUMNS,
     ManifestError,
@@ -34,15 +32,17 @@ from drywall_qa.model import (
     pair_activations,
     tokenize_prompts,
 )
-from drywall_qa.train import (
-    TrainConfig,
-    TrainConfigError,
-    pair_scores,
-    resumable_run_id,
-    segmentation_loss,
-    train,
-    warmup_warning,
+from drywall_qa.params import ModelParams, ParamsError
+from drywall_qa.training.checkpoint import (
+    HISTORY_COLUMNS,
+    OPTIMIZER_FILE,
+    read_state,
+    recover_checkpoints,
+    save_checkpoint,
 )
+from drywall_qa.training.config import TrainConfig, TrainConfigError
+from drywall_qa.training.loop import resumable_run_id, train, warmup_warning
+from drywall_qa.training.losses import pair_scores, segmentation_loss
 
 PROMPTS = {"cracks": ["segment crack", "segment wall crack"], "taping": ["segment taping area"]}
 
@@ -95,29 +95,36 @@ def make_manifest(root: Path, per_dataset: int = 8, size: int = 48, seed: int = 
 
 
 def tiny_config(**changes) -> TrainConfig:
-    config = TrainConfig(
-        seed=3,
-        lr=5e-4,
-        preset="tiny",
-        weights=None,
-        image_size=32,
-        freeze_backbone=False,
-        epochs=3,
-        batch_size=4,
-        weight_decay=1e-4,
-        scheduler="cosine",
-        warmup_epochs=1,
-        early_stopping_patience=10,
-        grad_clip=1.0,
-        bce_weight=1.0,
-        dice_weight=1.0,
-        negative_prompts=True,
-        augment=True,
-        cache_activations=True,
-        cached_views=2,
-        num_threads=1,
-    )
-    return replace(config, **changes)
+    """A tiny config; `changes` are `seed`, `lr`, `inference` (a section) or keys of the model or train section."""
+    params = {
+        "seed": 3,
+        "lr": 5e-4,
+        "model": {"weights": None, "preset": "tiny", "image_size": 32, "freeze_backbone": False},
+        "train": {
+            "epochs": 3,
+            "batch_size": 4,
+            "weight_decay": 1e-4,
+            "scheduler": "cosine",
+            "warmup_epochs": 1,
+            "early_stopping_patience": 10,
+            "grad_clip": 1.0,
+            "bce_weight": 1.0,
+            "dice_weight": 1.0,
+            "negative_prompts": True,
+            "augment": True,
+            "cache_activations": True,
+            "cached_views": 2,
+            "num_threads": 1,
+        },
+    }
+    for key, value in changes.items():
+        if key in ("seed", "lr", "inference"):
+            params[key] = value
+        elif key in ModelParams.model_fields:
+            params["model"][key] = value
+        else:
+            params["train"][key] = value
+    return TrainConfig.from_params(params)
 
 
 def run_training(root: Path, config: TrainConfig, out: str = "out", **kwargs) -> dict:
@@ -354,7 +361,7 @@ def test_a_killed_run_resumes_from_last_and_ends_like_an_uninterrupted_one(tmp_p
     assert read_state(last)["epoch"] == 2 and read_state(last)["complete"] is False
     # the stage continues the killed run's MLflow run; other params would start fresh (no run to continue)
     assert resumable_run_id(config, tmp_path / "manifest.csv", tmp_path / "b" / "models") == "run-of-b"
-    assert resumable_run_id(replace(config, lr=1e-3), tmp_path / "manifest.csv", tmp_path / "b" / "models") is None
+    assert resumable_run_id(config.changed(lr=1e-3), tmp_path / "manifest.csv", tmp_path / "b" / "models") is None
 
     messages: list[str] = []
     resumed = run_training(tmp_path, config, out="b", log=messages.append)
@@ -418,9 +425,9 @@ def test_config_from_params_coerces_and_validates():
     }
     config = TrainConfig.from_params(params)
     assert config.lr == 5e-5 and config.weights_init == "scratch:tiny" and not config.uses_cache
-    with pytest.raises(TrainConfigError, match="scheduler"):
+    with pytest.raises(ParamsError, match="train.scheduler must be 'cosine' or 'constant', got 'step'"):
         TrainConfig.from_params({**params, "train": {**params["train"], "scheduler": "step"}})
-    with pytest.raises(TrainConfigError, match="lacks"):
+    with pytest.raises(ParamsError, match="train.batch_size is missing"):
         TrainConfig.from_params({**params, "train": {"epochs": 1}})
 
 
@@ -560,8 +567,8 @@ def test_with_a_weight_average_best_holds_the_average_and_last_the_trained_weigh
     assert differs, "the average equals the raw weights: it was not updated as an average"
     for name, value in best.state_dict().items():
         torch.testing.assert_close(value, average[name])
-    with pytest.raises(TrainConfigError, match="ema_decay"):
-        tiny_config(ema_decay=1.0).validate()
+    with pytest.raises(ParamsError, match="train.ema_decay must be less than 1"):
+        tiny_config(ema_decay=1.0)
 
 
 def crack_masks() -> torch.Tensor:
@@ -593,8 +600,8 @@ def test_cldice_datasets_must_be_datasets_of_the_manifest(tmp_path):
     make_manifest(tmp_path)
     with pytest.raises(TrainConfigError, match=r"cldice_datasets names \['crack'\]"):
         run_training(tmp_path, tiny_config(cldice_weight=1.0, cldice_datasets=("crack",)))
-    with pytest.raises(TrainConfigError, match="cldice_weight"):
-        tiny_config(cldice_weight=-1.0).validate()
+    with pytest.raises(ParamsError, match="train.cldice_weight must be greater than or equal to 0"):
+        tiny_config(cldice_weight=-1.0)
 
 
 def test_training_with_cldice_on_crack_prompts_runs_and_counts_it_in_the_loss(tmp_path):
@@ -610,7 +617,7 @@ def test_training_with_cldice_on_crack_prompts_runs_and_counts_it_in_the_loss(tm
 
 KILL_AFTER_EPOCH_1 = """
 import os, runpy, signal
-import drywall_qa.train as train_module
+import drywall_qa.training.loop as train_module
 
 real_write_history = train_module.write_history
 
@@ -630,7 +637,7 @@ def test_a_kill_after_an_epochs_checkpoint_loses_no_epoch_from_mlflow(tmp_path):
 
     import yaml
 
-    from drywall_qa.checkpoint import read_history
+    from drywall_qa.training.checkpoint import read_history
 
     repo = Path(__file__).resolve().parents[1]
     make_manifest(tmp_path)

@@ -9,7 +9,7 @@ e.g. `params.yaml: lr must be a number, got 'abc'`. Stages get plain dicts of ch
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ruamel.yaml import YAML
@@ -20,6 +20,9 @@ from drywall_qa.errors import DrywallQAError
 Fraction = Annotated[float, Field(ge=0, le=1)]
 Positive = Annotated[int, Field(gt=0)]
 NonNegative = Annotated[int, Field(ge=0)]
+Seed = int
+LearningRate = Annotated[float, Field(gt=0)]
+SchemaT = TypeVar("SchemaT", bound=BaseModel)
 
 
 class ParamsError(DrywallQAError, ValueError):
@@ -88,7 +91,15 @@ class InferenceParams(_Section):
     scale: Annotated[float, Field(ge=0.05, le=8)] = 1.0
     overlap: Annotated[float, Field(ge=0, lt=1)] = 0.5
     flips: list[Literal["horizontal", "vertical"]] = []
-    sizes: list[Annotated[int, Field(ge=16, le=4096)]] = []  # resize mode only (InferenceConfig checks)
+    sizes: list[Annotated[int, Field(ge=16, le=4096)]] = []  # resize mode only
+
+    @model_validator(mode="after")
+    def views_fit_the_mode(self) -> InferenceParams:
+        if len(set(self.flips)) != len(self.flips):
+            raise ValueError(f"flips must be distinct, got {self.flips}")
+        if self.sizes and self.mode != "resize":
+            raise ValueError(f"sizes applies to mode resize only (mode {self.mode!r} uses inference.scale)")
+        return self
 
 
 class TrainParams(_Section):
@@ -121,6 +132,18 @@ class TrainParams(_Section):
     cldice_datasets: list[str] = ["cracks"]
     sample_prompts: bool = False
 
+    @model_validator(mode="after")
+    def ranges_are_ordered(self) -> TrainParams:
+        if self.bce_weight + self.dice_weight == 0:
+            raise ValueError("bce_weight and dice_weight must not both be 0")
+        low, high = self.crop_scale_jitter
+        if low > high:
+            raise ValueError(f"crop_scale_jitter must be [low, high] with low <= high, got {self.crop_scale_jitter}")
+        low, high = self.augment_scale
+        if not low <= 1 <= high:
+            raise ValueError(f"augment_scale must be [low, high] with low <= 1 <= high, got {self.augment_scale}")
+        return self
+
 
 class EvaluateParams(_Section):
     thresholds: Annotated[list[Annotated[float, Field(gt=0, lt=1)]], Field(min_length=1)]
@@ -147,8 +170,8 @@ class MlflowParams(_Section):
 
 
 class Params(_Section):
-    seed: int
-    lr: Annotated[float, Field(gt=0)]
+    seed: Seed
+    lr: LearningRate
     cpu_numerics: Literal["portable", "native"]
     data: DataParams
     prompts: dict[str, Annotated[list[str], Field(min_length=1)]]
@@ -189,10 +212,16 @@ def _describe(error: dict[str, Any]) -> str:
 
 def check_params(raw: Any, source: str = "params.yaml") -> dict[str, Any]:
     """Raw params (as YAML loaded them) -> checked plain dict; ParamsError naming every bad key."""
+    return validated(Params, raw, source).model_dump(mode="python")
+
+
+def validated(schema: type[SchemaT], raw: Any, source: str = "params.yaml") -> SchemaT:
+    """`raw` checked against `schema` (Params or a view of some of its sections, like the training
+    config); ParamsError naming every bad key."""
     if not isinstance(raw, dict):
         raise ParamsError(f"{source} must be a mapping of parameters, got {type(raw).__name__}")
     try:
-        return Params.model_validate(raw).model_dump(mode="python")
+        return schema.model_validate(raw)
     except ValidationError as error:
         problems = "; ".join(_describe(item) for item in error.errors())
         raise ParamsError(f"{source}: {problems}") from None

@@ -17,6 +17,8 @@ import yaml
 
 from drywall_qa.contracts.naming import prompt_slug
 from drywall_qa.errors import DrywallQAError
+from drywall_qa.params import InferenceParams, TrainParams
+from drywall_qa.training.config import TrainConfig
 
 SPLITS = ("train", "val", "test")
 FIGURES_FROM_REPORT = "../plots/figures"  # reports/ -> plots/figures/
@@ -205,7 +207,8 @@ def goal_section() -> str:
 
 
 def approach_section(inputs: ReportInputs, params: dict) -> str:
-    model, train, m = params["model"], params["train"], inputs.eval
+    config, m = TrainConfig.from_params(params), inputs.eval
+    model, train = config.model, config.train
     prompt_rows = [(dataset, ", ".join(f"`{p}`" for p in prompts)) for dataset, prompts in params["prompts"].items()]
     trainable = inputs.train.get("trainable_params")
     lines = [
@@ -220,16 +223,16 @@ def approach_section(inputs: ReportInputs, params: dict) -> str:
             ["setting", "value"],
             [
                 ("weights", describe_weights(_need(inputs.train, "weights_init", "metrics/train.json"))),
-                ("architecture preset (scratch only)", f"`{model['preset']}`"),
+                ("architecture preset (scratch only)", f"`{model.preset}`"),
                 (
                     "patch embedding (scratch only)",
-                    f"convolutional stem, 3x3 stride-2 layers of {model['conv_stem']} channels"
-                    if model.get("conv_stem")
+                    f"convolutional stem, 3x3 stride-2 layers of {model.conv_stem} channels"
+                    if model.conv_stem
                     else "ViT's patchify convolution",
                 ),
-                ("input size", f"{model['image_size']} x {model['image_size']}"),
-                ("training images", describe_training_geometry(params)),
-                ("masks made by", describe_inference(params)),
+                ("input size", f"{model.image_size} x {model.image_size}"),
+                ("training images", describe_training_geometry(config)),
+                ("masks made by", describe_inference(config)),
                 ("backbone", "frozen (decoder only)" if inputs.train.get("frozen_backbone") else "trained"),
                 (
                     "parameters",
@@ -239,21 +242,21 @@ def approach_section(inputs: ReportInputs, params: dict) -> str:
                 ("loss", describe_loss(train)),
                 (
                     "weights validated and published",
-                    f"a moving average over optimizer steps (train.ema_decay {train['ema_decay']:g})"
-                    if train.get("ema_decay")
+                    f"a moving average over optimizer steps (train.ema_decay {train.ema_decay:g})"
+                    if train.ema_decay
                     else "the trained weights of the best val epoch",
                 ),
                 (
                     "negative prompts",
                     "yes: images also paired with the other dataset's prompts and an empty mask"
-                    if train["negative_prompts"]
+                    if train.negative_prompts
                     else "no",
                 ),
                 (
                     "pairs per photo and epoch",
                     "one of its prompts and one negative, drawn per epoch (train.sample_prompts)"
-                    if train.get("sample_prompts")
-                    else "all of its prompts" + (" and every negative" if train["negative_prompts"] else ""),
+                    if train.sample_prompts
+                    else "all of its prompts" + (" and every negative" if train.negative_prompts else ""),
                 ),
             ],
         ),
@@ -265,30 +268,29 @@ def approach_section(inputs: ReportInputs, params: dict) -> str:
     return "\n".join(lines)
 
 
-def describe_training_geometry(params: dict) -> str:
-    inference, train, side = params.get("inference") or {}, params["train"], params["model"]["image_size"]
-    if inference.get("mode", "resize") == "resize":
+def describe_training_geometry(config: TrainConfig) -> str:
+    inference, train, side = config.inference, config.train, config.model.image_size
+    if inference.mode == "resize":
         return f"whole photos resized to {side} x {side}"
-    low, high = train.get("crop_scale_jitter", (1.0, 1.0))
+    low, high = train.crop_scale_jitter
     return (
-        f"{side} x {side} crops of the photo scaled by {inference.get('scale', 1.0):g} (jitter x{low:g}-{high:g}), "
-        f"{train.get('crop_foreground_prob', 0.5):.0%} of them centred on foreground"
+        f"{side} x {side} crops of the photo scaled by {inference.scale:g} (jitter x{low:g}-{high:g}), "
+        f"{train.crop_foreground_prob:.0%} of them centred on foreground"
     )
 
 
-def describe_inference(params: dict) -> str:
-    inference, side = params.get("inference") or {}, params["model"]["image_size"]
-    mode, scale = inference.get("mode", "resize"), inference.get("scale", 1.0)
-    flips = inference.get("flips") or []
+def describe_inference(config: TrainConfig) -> str:
+    inference, side = config.inference, config.model.image_size
+    mode, scale, flips = inference.mode, inference.scale, inference.flips
     mirrors = f"; also mirrored {' and '.join(flips)}, the views' logits averaged" if flips else ""
     if mode == "whole":
         return f"one pass over the whole photo scaled by {scale:g}, upsampled to its size{mirrors}"
     if mode == "sliding":
         return (
-            f"{side} px windows over the photo scaled by {scale:g}, overlap {inference.get('overlap', 0.5):g}, "
+            f"{side} px windows over the photo scaled by {scale:g}, overlap {inference.overlap:g}, "
             f"logits averaged{mirrors}"
         )
-    sides = " and ".join(f"{size} x {size}" for size in inference.get("sizes") or [side])
+    sides = " and ".join(f"{size} x {size}" for size in inference.sizes or [side])
     return f"the photo resized to {sides} (the model trains at {side} x {side}), logits upsampled to its size{mirrors}"
 
 
@@ -393,39 +395,38 @@ def _split_lines(inputs: ReportInputs) -> list[str]:
     ]
 
 
-def describe_loss(train: dict) -> str:
-    text = f"{train['bce_weight']} x BCE + {train['dice_weight']} x Dice"
-    if float(train.get("cldice_weight", 0.0)) > 0:
-        datasets = ", ".join(train.get("cldice_datasets", ["cracks"]))
-        text += f" + {train['cldice_weight']} x soft clDice on the {datasets} prompts"
+def describe_loss(train: TrainParams) -> str:
+    text = f"{train.bce_weight} x BCE + {train.dice_weight} x Dice"
+    if train.cldice_weight > 0:
+        text += f" + {train.cldice_weight} x soft clDice on the {', '.join(train.cldice_datasets)} prompts"
     return text
 
 
-def describe_augmentation(params: dict) -> str:
-    train = params["train"]
-    if not train["augment"]:
+def describe_augmentation(config: TrainConfig) -> str:
+    train = config.train
+    if not train.augment:
         return "none"
-    if params.get("inference", {}).get("mode", "resize") != "resize":
-        low, high = train.get("crop_scale_jitter", [1.0, 1.0])
+    if config.inference.mode != "resize":
+        low, high = train.crop_scale_jitter
         return f"crops at scale {low:g}–{high:g}, flips, right-angle turns, small rotation, brightness/contrast"
-    low, high = train.get("augment_scale", [0.9, 1.1])
+    low, high = train.augment_scale
     text = f"flips, zoom {low:g}–{high:g}, ±15° rotation, brightness/contrast"
-    color = float(train.get("augment_color", 0.0))
-    return text + (f", colour jitter {color:g}" if color > 0 else "")
+    return text + (f", colour jitter {train.augment_color:g}" if train.augment_color > 0 else "")
 
 
 def training_section(inputs: ReportInputs, params: dict) -> str:
-    train, t = params["train"], inputs.train
+    config, t = TrainConfig.from_params(params), inputs.train
+    train = config.train
     config_rows = [
-        ("learning rate", params["lr"]),
-        ("epochs (max)", train["epochs"]),
-        ("batch size", train["batch_size"]),
-        ("weight decay", train["weight_decay"]),
-        ("scheduler", f"{train['scheduler']}, {train['warmup_epochs']} warm-up epoch(s)"),
-        ("early stopping patience", train["early_stopping_patience"]),
-        ("gradient clipping", train["grad_clip"]),
-        ("augmentation", describe_augmentation(params)),
-        ("seed", params["seed"]),
+        ("learning rate", config.lr),
+        ("epochs (max)", train.epochs),
+        ("batch size", train.batch_size),
+        ("weight decay", train.weight_decay),
+        ("scheduler", f"{train.scheduler}, {train.warmup_epochs} warm-up epoch(s)"),
+        ("early stopping patience", train.early_stopping_patience),
+        ("gradient clipping", train.grad_clip),
+        ("augmentation", describe_augmentation(config)),
+        ("seed", config.seed),
     ]
     result_rows = [
         ("epochs run", t.get("epochs_run", "–")),
@@ -639,12 +640,11 @@ def stage_seconds_section(stage_seconds: dict[str, float] | None) -> str | None:
     )
 
 
-def _passes(params: dict) -> str:
+def _passes(inference: InferenceParams) -> str:
     """The vision passes per photo the latency covers: one per test-time view (params `inference`).
     `InferenceConfig.views` counts the same, but importing it brings in torch, which the report stage
     must not import before `cpu_numerics` is configured."""
-    inference = params.get("inference") or {}
-    views = (1 + len(inference.get("flips") or [])) * max(1, len(inference.get("sizes") or []))
+    views = (1 + len(inference.flips)) * max(1, len(inference.sizes))
     return "one vision pass" if views == 1 else f"{views} test-time views, one vision pass each"
 
 
@@ -655,7 +655,7 @@ def runtime_section(inputs: ReportInputs, params: dict) -> str:
         ("device", f"`{need('runtime.device')}`"),
         ("latency, 1 prompt", f"{need('runtime.ms_per_image_1_prompt'):.1f} ms / image"),
         (
-            f"latency, all {need('runtime.n_prompts_all')} prompts ({_passes(params)})",
+            f"latency, all {need('runtime.n_prompts_all')} prompts ({_passes(TrainConfig.from_params(params).inference)})",
             f"{need('runtime.ms_per_image_all_prompts'):.1f} ms / image",
         ),
         (
