@@ -127,6 +127,21 @@ def test_thresholds_are_chosen_on_val_and_applied_to_test(dataset):
     assert m["cross_prompt.test.empty_rate"] == pytest.approx(4 / 5)
 
 
+def test_each_dataset_score_gets_an_interval_over_source_photos(dataset):
+    _root, manifest, model, _ = dataset
+    model.probs[(12, "segment crack")] = np.full((H, W), 0.9, np.float32)  # c_empty: all predicted, IoU 0
+    m = evaluate_predictions(model, *manifest, ALL_PROMPTS, THRESHOLDS, None).metrics
+    # test cracks: IoU 1 (c_test) and 0 (c_empty), two photos: resample means 0, 0.5 or 1
+    assert m["test.cracks.miou"] == 0.5
+    assert (m["test.cracks.miou_ci_low"], m["test.cracks.miou_ci_high"]) == (0.0, 1.0)
+    assert (m["val.taping.miou_ci_low"], m["val.taping.miou_ci_high"]) == (1.0, 1.0)  # one photo, two prompts
+    # copies of one source photo are resampled together: one group, no spread
+    groups = {("cracks", "c_val"): "c", ("cracks", "c_test"): "c", ("cracks", "c_empty"): "c"}
+    groups |= {("taping", "t_val"): "t", ("taping", "t_test"): "t"}
+    m = evaluate_predictions(model, *manifest, ALL_PROMPTS, THRESHOLDS, None, groups=groups).metrics
+    assert (m["test.cracks.miou_ci_low"], m["test.cracks.miou_ci_high"]) == (0.5, 0.5)
+
+
 def test_test_scores_use_the_chosen_threshold_not_0_5(dataset):
     _root, manifest, model, gts = dataset
     # c_test's 0.65 band is below 0.7 but above 0.5: a 0.5 threshold would score IoU 4/6

@@ -25,9 +25,10 @@ from PIL import Image, UnidentifiedImageError
 from drywall_qa.contracts.atomic import replace_dir, write_csv_atomic, write_json_atomic
 from drywall_qa.contracts.manifest import ImageRecord, image_records, prompt_order, read_manifest
 from drywall_qa.contracts.masks import binarize, read_mask, write_mask
-from drywall_qa.contracts.naming import mask_file_name, prompt_slug
+from drywall_qa.contracts.naming import mask_file_name, prompt_slug, source_group
 from drywall_qa.contracts.thresholds import boxes_key, eval_key
 from drywall_qa.errors import DrywallQAError
+from drywall_qa.intervals import group_bootstrap
 from drywall_qa.metrics import Counts, confusion_counts, dice, iou, precision, recall, summarize, threshold_counts
 from drywall_qa.runtime import device_name, folder_bytes, measure_runtime, peak_rss_bytes
 
@@ -268,12 +269,16 @@ def evaluate_predictions(
     predictions_dir: str | Path | None,
     chunk_size: int = 8,
     box_snapping: bool = False,
+    groups: Mapping[tuple[str, str], str] | None = None,
+    seed: int = 0,
 ) -> EvaluationResult:
     """Choose a mask rule per prompt on val (its threshold, and with `box_snapping` whether snapping its
     components to boxes scores higher), score test with it, write the test predictions.
 
     Test images are also predicted under the prompts of the other datasets (their masks are
-    written too; `cross_prompt.*` measures how much foreground those prompts produce).
+    written too; `cross_prompt.*` measures how much foreground those prompts produce). Each dataset's
+    val and test mIoU gets a 95% bootstrap interval over source photos (`groups`: (dataset, image_id)
+    -> the manifest's group; by default the Roboflow source of the image id), seeded with `seed`.
     """
     unknown = sorted({p for image in [*val, *test] for p in image.prompts} - set(all_prompts))
     if unknown:
@@ -290,12 +295,13 @@ def evaluate_predictions(
     metrics: dict[str, Any] = {eval_key(p): t for p, t in chosen.items()}
     metrics |= {boxes_key(p): int(p in boxed) for p in chosen}
     # val only chose the rules: its scores with them, overall and per prompt
-    dataset_of = {prompt: image.dataset for image in val for prompt in image.prompts}
-    val_pairs = _val_pairs_at(sweep, chosen, boxed, thresholds, dataset_of)
+    val_pairs = val_pairs_at(sweep, chosen, boxed, thresholds, val)
     metrics |= summary_metrics(val_pairs, "val", overall=("miou", "dice"), per_group=("miou",))
+    metrics |= dataset_intervals(val_pairs, "val", groups, seed)
 
     test_scores = score_split(predict_fn, test, chosen, all_prompts, predictions_dir, chunk_size, boxed)
     metrics |= summary_metrics(test_scores.pairs, "test")
+    metrics |= dataset_intervals(test_scores.pairs, "test", groups, seed)
     if test_scores.cross_prompt_fg:
         fg = np.asarray(test_scores.cross_prompt_fg)
         metrics["cross_prompt.test.pred_fg_fraction"] = float(fg.mean())
@@ -338,20 +344,51 @@ def add_zero_shot(
         row["zero_shot_miou"] = zero_shot[f"zero_shot.test.{prompt_slug(row['prompt'])}.miou"]
 
 
-def _val_pairs_at(
+def val_pairs_at(
     sweep: Sweep,
-    chosen: dict[str, float],
+    chosen: Mapping[str, float],
     boxed: Collection[str],
     thresholds: Sequence[float],
-    dataset_of: Mapping[str, str],
+    val: Sequence[ImageRecord],
 ) -> list[dict]:
-    """Val pairs with each prompt's chosen rule, in the shape `summary_metrics` reads."""
+    """Val pairs with each prompt's chosen rule, in the shape `summary_metrics` reads, plus each pair's
+    image id and IoU. The sweep lists a prompt's pairs in the order of the val images that own it."""
     pairs = []
     for prompt, threshold in chosen.items():
         index = list(thresholds).index(threshold)
-        dataset = dataset_of[prompt]
-        pairs += [{"prompt": prompt, "dataset": dataset, "counts": c[index]} for c in sweep[(prompt, prompt in boxed)]]
+        owners = [image for image in val if prompt in image.mask_paths]
+        counts = sweep[(prompt, prompt in boxed)]
+        if len(owners) != len(counts):
+            raise EvaluationError(f"the sweep has {len(counts)} pairs of {prompt!r}, val has {len(owners)}")
+        pairs += [
+            {"image_id": image.image_id, "dataset": image.dataset, "prompt": prompt, "counts": c[index]}
+            | {"iou": iou(c[index])}
+            for image, c in zip(owners, counts, strict=True)
+        ]
     return pairs
+
+
+def manifest_groups(rows: Sequence[Mapping[str, str]]) -> dict[tuple[str, str], str]:
+    """(dataset, image_id) -> the source photo group the split kept together (the manifest's `group`)."""
+    return {(row["dataset"], row["image_id"]): row["group"] for row in rows}
+
+
+def dataset_intervals(
+    pairs: Sequence[Mapping[str, Any]], prefix: str, groups: Mapping[tuple[str, str], str] | None, seed: int
+) -> dict[str, float]:
+    """`<prefix>.<dataset>.miou_ci_low` / `_ci_high`: each dataset's mIoU 95% bootstrap interval,
+    resampling source photos (see `drywall_qa.intervals`)."""
+    metrics = {}
+    for dataset in sorted({pair["dataset"] for pair in pairs}):
+        subset = [pair for pair in pairs if pair["dataset"] == dataset]
+        names = [
+            groups[(dataset, pair["image_id"])] if groups is not None else source_group(pair["image_id"])
+            for pair in subset
+        ]
+        interval = group_bootstrap([pair["iou"] for pair in subset], names, seed=seed)
+        metrics[f"{prefix}.{dataset}.miou_ci_low"] = interval.low
+        metrics[f"{prefix}.{dataset}.miou_ci_high"] = interval.high
+    return metrics
 
 
 def _rounded(value: Any) -> Any:
@@ -399,6 +436,20 @@ class EvaluateSettings:
         )
 
 
+def _footprint(model: Any, model_dir: Path, device: Any) -> dict[str, int]:
+    """The trained model's size and the peak memory of its evaluation."""
+    import torch
+
+    footprint = {
+        "footprint.params": sum(p.numel() for p in model.parameters()),
+        "footprint.checkpoint_bytes": folder_bytes(model_dir),
+        "footprint.peak_rss_bytes": peak_rss_bytes(),
+    }
+    if torch.device(device).type == "cuda":
+        footprint["footprint.peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    return footprint
+
+
 def run_evaluation(
     model_dir: str | Path,
     manifest_path: str | Path,
@@ -442,16 +493,18 @@ def run_evaluation(
     shutil.rmtree(staging, ignore_errors=True)
     try:
         result = evaluate_predictions(
-            predict_fn, val, test, all_prompts, settings.thresholds, staging, batch_size, settings.box_snapping
+            predict_fn,
+            val,
+            test,
+            all_prompts,
+            settings.thresholds,
+            staging,
+            batch_size,
+            settings.box_snapping,
+            manifest_groups(rows),
+            settings.seed,
         )
-        # Peak memory of the trained model's evaluation, read before a second model is built.
-        footprint = {
-            "footprint.params": sum(p.numel() for p in model.parameters()),
-            "footprint.checkpoint_bytes": folder_bytes(model_dir),
-            "footprint.peak_rss_bytes": peak_rss_bytes(),
-        }
-        if torch.device(device).type == "cuda":
-            footprint["footprint.peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+        footprint = _footprint(model, model_dir, device)  # read before a second model is built
         del model, predict_fn
         if settings.zero_shot:
             torch.manual_seed(settings.seed)
