@@ -11,12 +11,10 @@ import pytest
 from PIL import Image
 
 from drywall_qa.contracts.naming import mask_file_name
-from drywall_qa.contracts.roboflow import ExportFormatError
+from drywall_qa.contracts.roboflow import ExportFormatError, MalformedAnnotationsError
 from drywall_qa.convert import (
     AccountingError,
-    ConversionError,
     DuplicateImageError,
-    MalformedAnnotationsError,
     check_accounting,
     convert_all,
     rle_counts_from_string,
@@ -328,7 +326,7 @@ def test_malformed_json_names_file_and_position(tmp_path):
         run(tmp_path)
     assert caught.value.line == 2 and caught.value.column == 12
     assert f"{split / '_annotations.coco.json'}:2:12" in str(caught.value)
-    assert isinstance(caught.value, ConversionError)
+    assert isinstance(caught.value, ExportFormatError)  # the reader's error, the download stage's too
 
 
 def test_malformed_yolo_yaml_names_file_and_line(tmp_path):

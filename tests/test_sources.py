@@ -21,17 +21,17 @@ import pytest
 from PIL import Image
 
 from drywall_qa.contracts.naming import image_id_of, source_group
+from drywall_qa.contracts.roboflow import describe_export
 from drywall_qa.sources import (
     API_KEY_ENV,
     ExportFormatError,
     ImageTooLargeError,
     MissingApiKeyError,
     UnsafeArchiveError,
-    describe_export,
     fetch_raw_data,
-    import_local_export,
     roboflow_api_key,
 )
+from drywall_qa.sources.local import import_local_export
 
 API_KEY = "rf-Test-s3cretKey-7f3a9c"
 PROJECTS = {"cracks": ("10xConstruction", "cracks-3ii36"), "taping": ("objectdetect-pu6rn", "drywall-join-detect")}

@@ -25,7 +25,6 @@ two labelings would silently overwrite the other.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -36,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
@@ -50,8 +48,12 @@ from drywall_qa.contracts.roboflow import (
     YOLO_DATA_FILE,
     coco_split_dirs,
     detect_format,
+    is_id,
     is_image_file,
+    load_coco,
+    read_yolo_names,
     split_folder_order,
+    yolo_label_lines,
     yolo_split_dirs,
 )
 from drywall_qa.errors import DrywallQAError
@@ -77,15 +79,6 @@ MAX_LISTED_FILES = 20  # file names listed per skip reason in the report
 
 class ConversionError(DrywallQAError):
     """An export that cannot be converted; the stage prints the message and exits non-zero."""
-
-
-class MalformedAnnotationsError(ConversionError):
-    """An annotation file that is not valid JSON/YAML or lacks the structure the format requires."""
-
-    def __init__(self, path: Path, detail: str, line: int | None = None, column: int | None = None):
-        self.path, self.detail, self.line, self.column = Path(path), detail, line, column
-        where = f"{path}:{line}:{column}" if line is not None else str(path)
-        super().__init__(f"malformed annotation file {where}: {detail}")
 
 
 class DuplicateImageError(ConversionError):
@@ -132,6 +125,8 @@ class Export:
 
 
 # ---------------------------------------------------------------- reading exports
+# The files are read and checked by contracts.roboflow (MalformedAnnotationsError); here each
+# annotation becomes a Shape or a counted skip reason.
 
 
 def read_export(dataset_dir: Path) -> Export:
@@ -139,23 +134,8 @@ def read_export(dataset_dir: Path) -> Export:
     return read_coco_export(dataset_dir) if fmt == "coco" else read_yolo_export(dataset_dir)
 
 
-def _load_json(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise MalformedAnnotationsError(path, f"not UTF-8 text ({error.reason} at byte {error.start})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise MalformedAnnotationsError(path, error.msg, error.lineno, error.colno) from None
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_id(value: Any) -> bool:
-    return isinstance(value, int | str) and not isinstance(value, bool)
 
 
 def pure_superclasses(categories: list[dict], annotated_ids: set) -> set:
@@ -171,17 +151,8 @@ def read_coco_export(dataset_dir: Path) -> Export:
     superclasses: dict[str, str] = {}
     unlisted: list[str] = []
     for split_dir in coco_split_dirs(dataset_dir):
-        json_path = split_dir / COCO_ANNOTATIONS
-        coco = _load_json(json_path)
-        if not isinstance(coco, dict):
-            raise MalformedAnnotationsError(json_path, "top level is not an object")
-        for key in ("images", "annotations", "categories"):
-            if not isinstance(coco.get(key), list):
-                raise MalformedAnnotationsError(json_path, f"`{key}` is missing or not a list")
+        coco = load_coco(split_dir / COCO_ANNOTATIONS)
         categories = coco["categories"]
-        for index, category in enumerate(categories):
-            if not (isinstance(category, dict) and _is_id(category.get("id"))):
-                raise MalformedAnnotationsError(json_path, f"categories[{index}] has no `id`")
         annotated = {
             a["category_id"] for a in coco["annotations"] if isinstance(a, dict) and _is_number(a.get("category_id"))
         }
@@ -192,11 +163,7 @@ def read_coco_export(dataset_dir: Path) -> Export:
             target[str(category["id"])] = str(category.get("name"))
 
         by_coco_id: dict[Any, SourceImage] = {}
-        for index, entry in enumerate(coco["images"]):
-            if not (isinstance(entry, dict) and isinstance(entry.get("file_name"), str) and _is_id(entry.get("id"))):
-                raise MalformedAnnotationsError(json_path, f"images[{index}] needs an `id` and a `file_name`")
-            if entry["id"] in by_coco_id:
-                raise MalformedAnnotationsError(json_path, f"images[{index}]: image id {entry['id']} repeats")
+        for entry in coco["images"]:
             width, height = entry.get("width"), entry.get("height")
             declared = (int(width), int(height)) if _is_number(width) and _is_number(height) else None
             image = SourceImage(
@@ -209,7 +176,7 @@ def read_coco_export(dataset_dir: Path) -> Export:
             images.append(image)
 
         for annotation in coco["annotations"]:
-            if not (isinstance(annotation, dict) and _is_id(annotation.get("image_id"))):
+            if not (isinstance(annotation, dict) and is_id(annotation.get("image_id"))):
                 orphan_skips["malformed"] += 1
             elif annotation["image_id"] not in by_coco_id:
                 orphan_skips["unknown_image"] += 1
@@ -303,23 +270,8 @@ def rle_counts_from_string(text: str) -> list[int] | None:
     return counts
 
 
-def _yolo_names(data_file: Path) -> dict[int, str]:
-    try:
-        data = yaml.safe_load(data_file.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        line, column = (mark.line + 1, mark.column + 1) if mark is not None else (None, None)
-        raise MalformedAnnotationsError(data_file, str(getattr(error, "problem", error)), line, column) from None
-    names = data.get("names") if isinstance(data, dict) else None
-    if isinstance(names, list):
-        return {index: str(name) for index, name in enumerate(names)}
-    if isinstance(names, dict) and all(isinstance(k, int) for k in names):
-        return {index: str(name) for index, name in names.items()}
-    raise MalformedAnnotationsError(data_file, "`names` must be a list or an {index: name} mapping")
-
-
 def read_yolo_export(dataset_dir: Path) -> Export:
-    names = _yolo_names(dataset_dir / YOLO_DATA_FILE)
+    names = read_yolo_names(dataset_dir / YOLO_DATA_FILE)
     images: list[SourceImage] = []
     orphan_skips: Counter = Counter()
     unlisted: list[str] = []
@@ -334,18 +286,16 @@ def read_yolo_export(dataset_dir: Path) -> Export:
         label_files = {p.stem: p for p in label_dir.glob("*.txt")} if label_dir.is_dir() else {}
         for stem, path in image_files.items():
             image = SourceImage(image_id_of(path.name), path, split_dir.name, declared_size=None)
-            if stem in label_files:
-                for line in label_files[stem].read_text(encoding="utf-8", errors="replace").splitlines():
-                    if line.strip():
-                        shape_or_reason = yolo_shape(line, names)
-                        if isinstance(shape_or_reason, Shape):
-                            image.shapes.append(shape_or_reason)
-                        else:
-                            image.annotation_skips[shape_or_reason] += 1
+            lines = yolo_label_lines(label_files[stem]) if stem in label_files else []
+            for line in lines:
+                shape_or_reason = yolo_shape(line, names)
+                if isinstance(shape_or_reason, Shape):
+                    image.shapes.append(shape_or_reason)
+                else:
+                    image.annotation_skips[shape_or_reason] += 1
             images.append(image)
         for stem in sorted(set(label_files) - set(image_files)):
-            lines = label_files[stem].read_text(encoding="utf-8", errors="replace").splitlines()
-            orphan_skips["missing_image_file"] += sum(1 for line in lines if line.strip())
+            orphan_skips["missing_image_file"] += len(yolo_label_lines(label_files[stem]))
     used = {str(k): v for k, v in names.items()}
     return Export("yolo", images, used, {}, orphan_skips, unlisted)
 
