@@ -12,6 +12,7 @@ from drywall_qa.metrics import Counts
 from drywall_qa.params import load_params
 from drywall_qa.report import (
     ReportError,
+    _result_rows,
     build_report,
     load_inputs,
     pipeline_headline,
@@ -48,6 +49,8 @@ def _eval_metrics() -> dict:
     metrics |= {f"threshold.{prompt_slug(p)}": 0.4 for ps in PARAMS["prompts"].values() for p in ps}
     metrics |= {
         "val.miou": 0.77,
+        "test.cracks.miou_ci_low": 0.3,
+        "test.cracks.miou_ci_high": 0.55,
         "zero_shot.threshold": 0.5,
         "cross_prompt.test.pred_fg_fraction": 0.01,
         "cross_prompt.test.empty_rate": 0.9,
@@ -183,9 +186,24 @@ def test_report_numbers_come_from_the_metrics(inputs_on_disk):
     report = _build(inputs_on_disk)
     assert f"Test mIoU **{metrics['test.miou']:.4f}**" in report
     assert f"| cracks | `segment crack` | 0.4 | {metrics['test.segment_crack.miou']:.4f} |" in report
+    assert f"| {metrics['test.cracks.miou']:.4f} [0.300, 0.550] |" in report  # the interval over source photos
     assert f"{metrics['zero_shot.test.segment_crack.miou']:.4f}" in report
     assert "920,674" in report and "3.5 MiB" in report
     assert "](../plots/figures/examples__segment_joint-tape.png)" in report
+
+
+def test_a_dataset_row_shows_its_interval_when_eval_json_has_it(inputs_on_disk):
+    inputs = _load(inputs_on_disk)
+    inputs.eval = {
+        **inputs.eval,
+        "test.taping.miou": 0.5,
+        "test.taping.miou_ci_low": 0.41,
+        "test.taping.miou_ci_high": 0.6,
+    }
+    inputs.eval = {key: value for key, value in inputs.eval.items() if not key.startswith("test.cracks.miou_ci")}
+    rows = {row[0]: row for row in _result_rows(inputs.eval, PARAMS)}
+    assert rows["**taping**"][3] == "0.5000 [0.410, 0.600]"
+    assert rows["**cracks**"][3] == f"{inputs.eval['test.cracks.miou']:.4f}"  # an eval.json from before intervals
 
 
 def test_report_of_real_data_and_pretrained_weights(inputs_on_disk):

@@ -82,6 +82,14 @@ def _score(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, int | float) else "–"
 
 
+def _score_with_interval(m: dict, key: str) -> str:
+    """The score under `key` and, when eval.json has it, its 95% interval (`key`_ci_low / _ci_high)."""
+    low, high = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
+    if isinstance(low, int | float) and isinstance(high, int | float):
+        return f"{_score(m.get(key))} [{low:.3f}, {high:.3f}]"
+    return _score(m.get(key))
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
@@ -496,7 +504,7 @@ def _result_rows(m: dict, params: dict) -> list[tuple]:
                 f"**{dataset}**",
                 "all its prompts",
                 "",
-                _score(m.get(f"test.{dataset}.miou")),
+                _score_with_interval(m, f"test.{dataset}.miou"),
                 _score(m.get(f"test.{dataset}.dice")),
                 _score(m.get(f"test.{dataset}.iou_dataset")),
                 _score(m.get(f"test.{dataset}.precision")),
@@ -530,6 +538,8 @@ def _result_notes(inputs: ReportInputs) -> list[str]:
         "- **mIoU** is the mean over (image, prompt) pairs of the foreground IoU |P ∩ G| / |P ∪ G|; "
         "**Dice** likewise 2|P ∩ G| / (|P| + |G|). A pair with an empty ground truth scores 1 when the "
         "prediction is empty too and 0 otherwise. Rows over several prompts average all their pairs.",
+        "- **[low, high]** after a dataset's mIoU: its 95% bootstrap interval, resampling source photos (the "
+        "augmented copies of one photo together), so it shows how much the score would move on other photos.",
         "- **IoU (dataset)** sums intersections and unions over all pairs before dividing (large objects weigh "
         "more, empty pairs add nothing). **Precision** and **recall** are pixel-level, from summed counts. "
         "An undefined ratio (0/0) is 1 only when there is neither ground truth nor prediction, else 0.",
