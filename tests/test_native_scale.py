@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_train import PROMPTS, make_manifest, run_training, tiny_config
+from test_train import PROMPTS, make_manifest, run_training, tiny_config, tiny_params
 
 from drywall_qa.contracts.manifest import image_records, prompts_by_dataset, read_manifest
 from drywall_qa.data import (
@@ -183,30 +183,11 @@ def test_native_dataset_crops_for_training_and_keeps_whole_images_for_validation
 
 
 def test_config_reads_inference_and_crop_params():
-    params = {
-        "seed": 1,
-        "lr": 5e-4,
-        "model": {"weights": None, "preset": "tiny", "freeze_backbone": False, "image_size": 224},
-        "train": {
-            "epochs": 2,
-            "batch_size": 4,
-            "weight_decay": 0.0,
-            "scheduler": "cosine",
-            "warmup_epochs": 1,
-            "early_stopping_patience": 3,
-            "grad_clip": 1.0,
-            "bce_weight": 1.0,
-            "dice_weight": 1.0,
-            "negative_prompts": True,
-            "augment": True,
-            "cache_activations": True,
-            "cached_views": 4,
-            "num_threads": 2,
-            "crop_scale_jitter": [0.7, 1.4],
-            "crop_foreground_prob": 0.7,
-        },
-        "inference": {"mode": "whole", "scale": 0.75, "overlap": 0.5},
-    }
+    params = tiny_params(
+        inference={"mode": "whole", "scale": 0.75, "overlap": 0.5},
+        crop_scale_jitter=[0.7, 1.4],
+        crop_foreground_prob=0.7,
+    )
     config = TrainConfig.from_params(params)
     assert inference_of(config) == InferenceConfig("whole", 0.75, 0.5) and config.train.crop_scale_jitter == [
         0.7,

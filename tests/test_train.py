@@ -94,8 +94,8 @@ def make_manifest(root: Path, per_dataset: int = 8, size: int = 48, seed: int = 
     return manifest
 
 
-def tiny_config(**changes) -> TrainConfig:
-    """A tiny config; `changes` are `seed`, `lr`, `inference` (a section) or keys of the model or train section."""
+def tiny_params(**changes) -> dict:
+    """Tiny training params; `changes` are `seed`, `lr`, `inference` (a section) or keys of the model or train section."""
     params = {
         "seed": 3,
         "lr": 5e-4,
@@ -124,7 +124,11 @@ def tiny_config(**changes) -> TrainConfig:
             params["model"][key] = value
         else:
             params["train"][key] = value
-    return TrainConfig.from_params(params)
+    return params
+
+
+def tiny_config(**changes) -> TrainConfig:
+    return TrainConfig.from_params(tiny_params(**changes))
 
 
 def run_training(root: Path, config: TrainConfig, out: str = "out", **kwargs) -> dict:
@@ -402,27 +406,7 @@ def test_checkpoint_swap_is_atomic_and_an_interrupted_swap_is_recovered(tmp_path
 
 
 def test_config_from_params_coerces_and_validates():
-    params = {
-        "seed": 1,
-        "lr": "5e-05",
-        "model": {"weights": None, "preset": "tiny", "freeze_backbone": False, "image_size": 224},
-        "train": {
-            "epochs": 2,
-            "batch_size": 4,
-            "weight_decay": 0.0,
-            "scheduler": "cosine",
-            "warmup_epochs": 1,
-            "early_stopping_patience": 3,
-            "grad_clip": 1.0,
-            "bce_weight": 1.0,
-            "dice_weight": 1.0,
-            "negative_prompts": True,
-            "augment": True,
-            "cache_activations": True,
-            "cached_views": 4,
-            "num_threads": 2,
-        },
-    }
+    params = tiny_params(lr="5e-05", cache_activations=True)  # as PyYAML 1.1 once read `5e-05`
     config = TrainConfig.from_params(params)
     assert config.lr == 5e-5 and config.weights_init == "scratch:tiny" and not config.uses_cache
     with pytest.raises(ParamsError, match="train.scheduler must be 'cosine' or 'constant', got 'step'"):
