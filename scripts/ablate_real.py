@@ -207,7 +207,8 @@ def lever_decision(
 def history_rows(path: Path) -> list[dict[str, float]]:
     """A train_history.csv as numbers, one dict per epoch."""
     with open(path, newline="") as handle:
-        return [{key: float(value) for key, value in row.items() if value != ""} for row in csv.DictReader(handle)]
+        rows = [{key: float(value) for key, value in row.items() if value != ""} for row in csv.DictReader(handle)]
+    return [row | {"epoch": int(row["epoch"])} if "epoch" in row else row for row in rows]
 
 
 def load_document(out: Path) -> dict[str, Any]:
@@ -296,10 +297,9 @@ def stopped_run_record(name: str, history: Path, reference: Path) -> dict[str, A
 
 def trainer() -> tuple[Any, Callable[..., dict[str, Any]]]:
     """(TrainConfig, train) from wherever the training package keeps them."""
-    try:
-        from drywall_qa.training import TrainConfig, train
-    except ImportError:  # before the training package
-        from drywall_qa.train import TrainConfig, train
+    from drywall_qa.training.config import TrainConfig
+    from drywall_qa.training.loop import train
+
     return TrainConfig, train
 
 
