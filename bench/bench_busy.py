@@ -41,7 +41,8 @@ from drywall_qa.numerics import configure_cpu_numerics
 from drywall_qa.params import load_params
 params = load_params(sys.argv[1])
 configure_cpu_numerics(params["cpu_numerics"])
-from drywall_qa.train import TrainConfig, train
+from drywall_qa.training.config import TrainConfig
+from drywall_qa.training.loop import train
 workdir = sys.argv[2]
 params["train"]["epochs"] = int(sys.argv[3])
 params["train"]["early_stopping_patience"] = 1000

@@ -12,7 +12,7 @@ the same thread count, so that timings and peak RSS belong to that phase alone:
   epochs and is projected to `epochs` (setup + epochs x measured epoch). Same initial weights, same
   batches, loss, optimizer and LR schedule as the trainer, so its val scores after epoch 1 must match
   the trainer's epoch 1 up to float noise.
-- `trainer_uncached` / `trainer_cached`: `drywall_qa.train.train` for `epochs` epochs, without and
+- `trainer_uncached` / `trainer_cached`: `drywall_qa.training.loop.train` for `epochs` epochs, without and
   with the on-disk activation cache (a cold cache: the run fills it).
 - `inference`: ms per image for one and for all prompts, `drywall_qa.inference.predict_probs`
   (one vision pass per image) against one full HF forward per prompt; plus unit costs (vision pass
@@ -160,21 +160,18 @@ def prepare_data(workdir: Path, settings: BenchSettings, prompts: dict[str, list
 def train_config(settings: BenchSettings, params: dict[str, Any]) -> dict[str, Any]:
     """params.yaml's training parameters with the benchmark's model: `preset` with random weights,
     frozen backbone (the fine-tuning recipe for pretrained weights), `epochs` without early stop."""
-    from drywall_qa.train import TrainConfig
+    from drywall_qa.training.config import TrainConfig
 
     config = TrainConfig.from_params(params)
-    config = replace(
-        config,
-        preset=settings.preset,
-        weights=None,
-        image_size=settings.image_size,
-        freeze_backbone=True,
-        epochs=settings.epochs,
-        early_stopping_patience=max(config.early_stopping_patience, settings.epochs + 1),
-        num_threads=settings.threads,
+    config = config.changed(
+        model={"preset": settings.preset, "weights": None, "image_size": settings.image_size, "freeze_backbone": True},
+        train={
+            "epochs": settings.epochs,
+            "early_stopping_patience": max(config.train.early_stopping_patience, settings.epochs + 1),
+            "num_threads": settings.threads,
+        },
     )
-    config.validate()
-    return json.loads(json.dumps(asdict(config)))  # the JSON form: compared with the saved inputs on --resume
+    return config.model_dump(mode="json")  # the JSON form: compared with the saved inputs on --resume
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,10 +179,10 @@ def train_config(settings: BenchSettings, params: dict[str, Any]) -> dict[str, A
 
 
 def _load_phase_inputs(workdir: Path) -> tuple[BenchSettings, Any]:
-    from drywall_qa.train import TrainConfig
+    from drywall_qa.training.config import TrainConfig
 
     saved = json.loads((workdir / "bench_inputs.json").read_text(encoding="utf-8"))
-    return BenchSettings(**saved["settings"]), TrainConfig(**saved["config"])
+    return BenchSettings(**saved["settings"]), TrainConfig.model_validate(saved["config"])
 
 
 def _scratch_model(config, workdir: Path):
@@ -193,25 +190,25 @@ def _scratch_model(config, workdir: Path):
     from drywall_qa.contracts.manifest import image_records, prompt_order, prompts_by_dataset, read_manifest
     from drywall_qa.data import channel_statistics
     from drywall_qa.model import build_model, set_backbone_trainable
-    from drywall_qa.train import set_determinism
+    from drywall_qa.training.loop import set_determinism
 
-    set_determinism(config.seed, config.num_threads)
+    set_determinism(config.seed, config.train.num_threads)
     rows = read_manifest(workdir / "data" / "manifest.csv")
     prompts = prompts_by_dataset(rows)
     train_records = image_records(rows, "train", workdir)
     val_records = image_records(rows, "val", workdir)
-    mean, std = channel_statistics(train_records, config.image_size)
+    mean, std = channel_statistics(train_records, config.model.image_size)
     all_prompts = prompt_order(prompts)
     model, processor = build_model(
-        config.preset,
+        config.model.preset,
         None,
-        config.image_size,
-        config.freeze_backbone,
+        config.model.image_size,
+        config.model.freeze_backbone,
         prompts=all_prompts,
         image_mean=mean,
         image_std=std,
     )
-    set_backbone_trainable(model, not config.freeze_backbone)
+    set_backbone_trainable(model, not config.model.freeze_backbone)
     return model, processor, prompts, train_records, val_records, (mean, std), rows
 
 
@@ -262,21 +259,20 @@ def phase_naive(workdir: Path) -> dict[str, Any]:
 
     from drywall_qa.data import collate_pairs
     from drywall_qa.model import tokenize_prompts
-    from drywall_qa.train import _datasets, _train_epoch, make_optimizer, validate
+    from drywall_qa.training.loop import build_datasets, make_optimizer, train_epoch, validate
 
     settings, config = _load_phase_inputs(workdir)
     device = torch.device(settings.device)
     started = time.perf_counter()
-    model, processor, prompts, train_records, val_records, (mean, std), _ = _scratch_model(config, workdir)
+    model, processor, prompts, train_records, val_records, _, _ = _scratch_model(config, workdir)
     model.to(device)
     # Same items, views, batches, loss, optimizer and schedule as `train` (its loader seed included);
     # the uncached trainer's datasets: a fresh augmented view each epoch.
-    train_set, val_set = _datasets(
-        replace(config, cache_activations=False), model, (mean, std), prompts, train_records, val_records
+    train_set, val_set = build_datasets(
+        config.changed(train={"cache_activations": False}), model, processor, prompts, train_records, val_records
     )
-    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    steps_per_epoch = math.ceil(len(train_set) / config.train.batch_size)
     optimizer, scheduler = make_optimizer(model, config, steps_per_epoch)
-    trainable = optimizer.param_groups[0]["params"]  # what gradient clipping covers
     forward = NaivePairForward(model, *tokenize_prompts(processor, train_set.prompt_list), device)
     setup_s = time.perf_counter() - started
 
@@ -285,22 +281,21 @@ def phase_naive(workdir: Path) -> dict[str, Any]:
         train_set.set_epoch(epoch - 1)
         loader = DataLoader(
             train_set,
-            batch_size=config.batch_size,
+            batch_size=config.train.batch_size,
             shuffle=True,
             collate_fn=collate_pairs,
             generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch),
         )
-        # The trainer's own epoch (`train._train_epoch`: loss, backward, clipping, step, schedule); only the
+        # The trainer's own epoch (`training.loop.train_epoch`: loss, backward, clipping, step, schedule); only the
         # forward differs, one full model pass per (image, prompt) pair, which is what this phase measures.
         counted = {"steps": 0, "pairs": 0}
         epoch_started, forward_before = time.perf_counter(), forward.seconds
-        train_loss = _train_epoch(
+        train_loss = train_epoch(
             forward,
             _counted(loader, counted, f"naive: epoch {epoch}", steps_per_epoch),
             train_set,
             optimizer,
             scheduler,
-            trainable,
             config,
         )
         forward_s = forward.seconds - forward_before
@@ -357,22 +352,22 @@ def _timed(module, name: str, totals: dict[str, float], key: str):
 
 def phase_trainer(workdir: Path, cached: bool) -> dict[str, Any]:
     import drywall_qa.activation_cache
-    import drywall_qa.checkpoint
-    import drywall_qa.train
-    from drywall_qa.checkpoint import read_history
-    from drywall_qa.train import train
+    import drywall_qa.training.checkpoint
+    import drywall_qa.training.forward
+    from drywall_qa.training.checkpoint import read_history
+    from drywall_qa.training.loop import train
 
     settings, config = _load_phase_inputs(workdir)
-    config = replace(config, cache_activations=cached)
+    config = config.changed(train={"cache_activations": cached})
     out = workdir / ("trainer_cached" if cached else "trainer_uncached")
     shutil.rmtree(out, ignore_errors=True)  # a cold cache, and no `last` checkpoint to resume from
     cache_dir = out / "cache"
     totals: dict[str, float] = defaultdict(float)
     started = time.perf_counter()
     with (
-        _timed(drywall_qa.train, "encode_images", totals, "vision_s"),
+        _timed(drywall_qa.training.forward, "encode_images", totals, "vision_s"),
         _timed(drywall_qa.activation_cache, "encode_images", totals, "vision_s"),
-        _timed(drywall_qa.checkpoint, "save_checkpoint", totals, "checkpoint_s"),
+        _timed(drywall_qa.training.checkpoint, "save_checkpoint", totals, "checkpoint_s"),
     ):
         summary = train(
             config,
@@ -460,7 +455,7 @@ def phase_inference(workdir: Path) -> dict[str, Any]:
     for path in test_paths:
         with Image.open(workdir / path) as handle:
             images.append(handle.convert("RGB"))
-    batch_size = config.batch_size
+    batch_size = config.train.batch_size
 
     def best_of(function) -> tuple[float, Any]:
         times, output = [], None
@@ -515,19 +510,19 @@ def _unit_costs(model, processor, train_records, prompts, config, device, mean, 
 
     from drywall_qa.data import SegmentationDataset, collate_pairs
     from drywall_qa.model import decode, encode_images, encode_prompts, pair_activations, tokenize_prompts
-    from drywall_qa.train import segmentation_loss
+    from drywall_qa.training.losses import segmentation_loss
 
     train_set = SegmentationDataset(
         train_records,
         prompts,
-        config.image_size,
+        config.model.image_size,
         mean,
         std,
         augment=False,
-        negative_prompts=config.negative_prompts,
+        negative_prompts=config.train.negative_prompts,
         seed=config.seed,
     )
-    batch = collate_pairs([train_set.load(index, 0) for index in range(min(config.batch_size, len(train_set)))])
+    batch = collate_pairs([train_set.load(index, 0) for index in range(min(config.train.batch_size, len(train_set)))])
     pixel_values = batch["pixel_values"].to(device)
     model.eval()
     with torch.no_grad():
@@ -551,7 +546,7 @@ def _unit_costs(model, processor, train_records, prompts, config, device, mean, 
         best = math.inf
         for _ in range(2):
             started = time.perf_counter()
-            loss = segmentation_loss(run(), masks, config.bce_weight, config.dice_weight)
+            loss = segmentation_loss(run(), masks, config.train.bce_weight, config.train.dice_weight)
             loss.backward()
             best = min(best, time.perf_counter() - started)
             model.zero_grad(set_to_none=True)
@@ -686,7 +681,7 @@ def _inference_table(results: dict[str, Any]) -> list[str]:
     ms = inference["ms_per_image"]
     units = inference["unit_costs"]
     return [
-        f"Inference, ms per image ({inference['images']} test images, batch {results['config']['batch_size']}, "
+        f"Inference, ms per image ({inference['images']} test images, batch {results['config']['train']['batch_size']}, "
         f"best of the repeats; {results['machine']['device']}, {results['settings']['threads']} threads):",
         "",
         f"| | 1 prompt | all {inference['prompts']} prompts | all / 1 |",

@@ -93,30 +93,23 @@ class Trainer:
     """One path: the recipe's model, data, optimizer and weight average, as `train()` builds them."""
 
     def __init__(self, params: dict[str, Any], levers: dict[str, Any], manifest: Path, root: Path):
-        from dataclasses import replace
-
         from torch.utils.data import DataLoader
 
         from drywall_qa.contracts.manifest import prompt_order
         from drywall_qa.data import collate_pairs
-        from drywall_qa.train import (
-            PairForward,
-            TrainConfig,
-            _datasets,
-            _initial_model,
-            _read_splits,
-            make_optimizer,
-            weight_average,
-        )
+        from drywall_qa.training.config import TrainConfig
+        from drywall_qa.training.forward import PairForward, weight_average
+        from drywall_qa.training.loop import build_datasets, initial_model, make_optimizer, read_splits
 
-        self.config = replace(TrainConfig.from_params(params), **levers)
-        prompts, train_records, val_records = _read_splits(self.config, manifest, root)
-        self.model, processor = _initial_model(self.config, None, train_records, prompt_order(prompts), lambda _: None)
-        mean_std = (processor.image_processor.image_mean, processor.image_processor.image_std)
-        self.train_set, self.val_set = _datasets(self.config, self.model, mean_std, prompts, train_records, val_records)
-        self.steps_per_epoch = math.ceil(len(self.train_set) / self.config.batch_size)
+        self.config = TrainConfig.from_params(params).changed(train=levers)
+        prompts, train_records, val_records = read_splits(self.config, manifest, root)
+        self.model, processor = initial_model(self.config, None, train_records, prompt_order(prompts), lambda _: None)
+        self.train_set, self.val_set = build_datasets(
+            self.config, self.model, processor, prompts, train_records, val_records
+        )
+        self.steps_per_epoch = math.ceil(len(self.train_set) / self.config.train.batch_size)
         self.optimizer, self.scheduler = make_optimizer(self.model, self.config, self.steps_per_epoch, lambda _: None)
-        self.average = weight_average(self.model, self.config.ema_decay)
+        self.average = weight_average(self.model, self.config.train.ema_decay)
         self.forward = PairForward(self.model, processor, self.train_set.prompt_list, self.model.device, None)
         self.val_forward = PairForward(
             self.average.module if self.average else self.model,
@@ -131,7 +124,7 @@ class Trainer:
         self.loader = lambda: iter(
             DataLoader(
                 self.train_set,
-                batch_size=self.config.batch_size,
+                batch_size=self.config.train.batch_size,
                 shuffle=True,
                 collate_fn=collate_pairs,
                 generator=torch.Generator().manual_seed(self.epoch),
@@ -149,11 +142,11 @@ class Trainer:
             return next(self.batches)
 
     def step(self) -> dict[str, float]:
-        """One training step, the way `train._train_epoch` takes it, with a clock between its parts."""
+        """One training step, the way `training.loop.train_epoch` takes it, with a clock between its parts."""
         import torch
 
         from drywall_qa.model import decode, encode_images, pair_activations, resize_logits
-        from drywall_qa.train import pair_loss
+        from drywall_qa.training.losses import pair_loss
 
         times, clock = {}, time.perf_counter()
 
@@ -176,7 +169,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         lap("backward")
-        torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], self.config.grad_clip)
+        torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], self.config.train.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         if self.average is not None:
@@ -186,7 +179,7 @@ class Trainer:
         return times
 
     def validation_seconds(self) -> tuple[float, dict[str, float]]:
-        from drywall_qa.train import validate
+        from drywall_qa.training.loop import validate
 
         started = time.perf_counter()
         scores = validate(self.val_forward, self.val_set, self.config, {"num_workers": 0})

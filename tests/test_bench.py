@@ -52,7 +52,9 @@ def test_quick_benchmark_reports_every_phase(quick_results):
             assert 0 <= row["val_miou"] <= 1 and row["val_loss"] > 0
     naive = results["phases"]["naive"]
     assert naive["projected_s"] > naive["epoch_s"] > 0
-    assert naive["history"][0]["optimizer_steps"] == -(-data["train_images"] // results["config"]["batch_size"])
+    assert naive["history"][0]["optimizer_steps"] == -(
+        -data["train_images"] // results["config"]["train"]["batch_size"]
+    )
     assert results["machine"]["gpu"]
     assert "naive HF loop" in results["table"]
     assert results["complete"] is True
@@ -72,7 +74,7 @@ def test_the_fast_paths_learn_what_the_naive_loop_learns(quick_results):
 def test_cache_counts_and_inference_agree_with_the_naive_forward(quick_results):
     data, settings, config = quick_results["data"], quick_results["settings"], quick_results["config"]
     cached = quick_results["phases"]["trainer_cached"]
-    views_used = min(config["cached_views"], settings["epochs"]) if config["augment"] else 1
+    views_used = min(config["train"]["cached_views"], settings["epochs"]) if config["train"]["augment"] else 1
     assert cached["cache_misses"] == data["train_images"] * views_used + data["val_images"]
     assert (
         cached["cache_hits"]
