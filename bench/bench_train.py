@@ -18,7 +18,7 @@ the same thread count, so that timings and peak RSS belong to that phase alone:
   (one vision pass per image) against one full HF forward per prompt; plus unit costs (vision pass
   per image, decoder forward+backward per pair).
 
-Results: a table on stdout (markdown, pasted into the README) and a JSON file (`--out`).
+Results: a table on stdout (markdown; docs/speed.md describes it) and a JSON file (`--out`).
 Benchmarks are not timed tests: nothing here asserts a speed.
 """
 

@@ -69,7 +69,7 @@ def pages(store: str, experiment_name: str) -> dict[str, str]:
     trains = client.search_runs([eid], "tags.stage = 'train'", order_by=["attributes.start_time DESC"], max_results=1)
     routes = {
         # MLflow 3.17's UI takes its mode from `workflowType` in the URL, else the browser's last choice
-        # (GenAI at first): the README's link chooses Model training, and so do these routes
+        # (GenAI at first): the link in docs/experiments.md chooses Model training, and so do these routes
         "runs_table": f"/experiments/{eid}/runs?workflowType=machine_learning",
         "parent_overview": f"/experiments/{eid}/runs/{parents[0].info.run_id}",
     }

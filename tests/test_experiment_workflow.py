@@ -1,4 +1,4 @@
-"""The README's experiment workflow on a copy of this repo, at the smallest settings: `dvc repro`,
+"""The experiment workflow of docs/experiments.md on a copy of this repo, at the smallest settings: `dvc repro`,
 an experiment, `dvc exp apply`, and the way back to the committed default with `git checkout` +
 `dvc checkout` (which needs the committed model hash to be reproducible: `dvc repro` again gives
 the same dvc.lock)."""
@@ -33,7 +33,7 @@ def test_an_experiment_can_be_applied_and_the_default_restored(clone):
     assert model_hash(clone) != committed
     assert "lr: 0.002" in (clone / "params.yaml").read_text()
 
-    # the way back (README, "Experiments and tracking")
+    # the way back (docs/experiments.md)
     run(["git", "checkout", "--", "."], clone)
     run(["dvc", "checkout"], clone)
     assert model_hash(clone) == committed and (clone / "models" / "clipseg" / "best" / "model.safetensors").is_file()

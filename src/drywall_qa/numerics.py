@@ -14,7 +14,7 @@ made on another machine is then noise. Three libraries pick their kernels by CPU
 
 The environment variables are read once, when the libraries initialise, so `configure_cpu_numerics`
 must run before anything imports torch. On a GPU only the CPU side is affected. The cost is measured
-in the README (1.8x the training time of the default model on 2 cores).
+in docs/numerics.md (1.8x the training time of the default model on 2 cores).
 """
 
 from __future__ import annotations

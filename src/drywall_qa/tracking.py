@@ -58,7 +58,7 @@ EXECUTION_TAG = "drywall_qa.execution"  # `<pid>-<start time>` of the dvc proces
 BY_HAND = "by-hand"  # the execution of stages run without dvc
 DESCRIPTION_TAG = "mlflow.note.content"  # what the MLflow UI shows as a run's (or experiment's) description
 # the experiment's type for MLflow: a training experiment, not a GenAI one. (MLflow 3.17's UI still takes its
-# GenAI / Model training mode from `?workflowType=` in the URL or the browser's last choice: the README's link.)
+# GenAI / Model training mode from `?workflowType=` in the URL or the browser's last choice: the link in docs/experiments.md.)
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
 LAST_STAGE = "report"  # its end finishes the parent run
