@@ -40,5 +40,7 @@ def test_every_module_has_a_row_and_every_row_is_a_module():
 
 
 def test_the_map_reader_sees_plain_and_folder_rows():
-    text = "## The module map\n| `a.py` | one |\n| `pkg/` | `b.py` and `c.py` |\n| stage | `x` |\n## Next\n| `d.py` | no |"
+    text = (
+        "## The module map\n| `a.py` | one |\n| `pkg/` | `b.py` and `c.py` |\n| stage | `x` |\n## Next\n| `d.py` | no |"
+    )
     assert map_entries(text) == {"a.py", "pkg/b.py", "pkg/c.py"}
