@@ -186,30 +186,16 @@ def _load_phase_inputs(workdir: Path) -> tuple[BenchSettings, Any]:
 
 
 def _scratch_model(config, workdir: Path):
-    """The trainer's initial model, built exactly as `train` builds it (same seed, same RNG draws)."""
-    from drywall_qa.contracts.manifest import image_records, prompt_order, prompts_by_dataset, read_manifest
-    from drywall_qa.data import channel_statistics
-    from drywall_qa.model import build_model, set_backbone_trainable
-    from drywall_qa.training.loop import set_determinism
+    """The trainer's initial model, built by `train`'s own step (same seed, same RNG draws)."""
+    from drywall_qa.contracts.manifest import prompt_order, read_manifest
+    from drywall_qa.training.loop import initial_model, read_splits, set_determinism
 
     set_determinism(config.seed, config.train.num_threads)
-    rows = read_manifest(workdir / "data" / "manifest.csv")
-    prompts = prompts_by_dataset(rows)
-    train_records = image_records(rows, "train", workdir)
-    val_records = image_records(rows, "val", workdir)
-    mean, std = channel_statistics(train_records, config.model.image_size)
-    all_prompts = prompt_order(prompts)
-    model, processor = build_model(
-        config.model.preset,
-        None,
-        config.model.image_size,
-        config.model.freeze_backbone,
-        prompts=all_prompts,
-        image_mean=mean,
-        image_std=std,
-    )
-    set_backbone_trainable(model, not config.model.freeze_backbone)
-    return model, processor, prompts, train_records, val_records, (mean, std), rows
+    manifest = workdir / "data" / "manifest.csv"
+    prompts, train_records, val_records = read_splits(config, manifest, workdir)
+    model, processor = initial_model(config, None, train_records, prompt_order(prompts), lambda _: None)
+    normalisation = (processor.image_processor.image_mean, processor.image_processor.image_std)
+    return model, processor, prompts, train_records, val_records, normalisation, read_manifest(manifest)
 
 
 class NaivePairForward:
