@@ -1,8 +1,8 @@
 """PyTorch against ONNX Runtime on 2 CPU cores, at the real recipe's inference settings, and the
 exported model in a virtualenv with only onnxruntime, numpy and Pillow.
 
-    python bench/bench_onnx.py                 # ~5 minutes on 2 cores (pip downloads included); writes bench/onnx_results.json
-    python bench/bench_onnx.py --images 8 --no-clean-env     # a quicker look, no venv
+    python bench/bench_onnx.py                 # ~6 minutes on 2 cores (pip downloads included); writes bench/onnx_results.json
+    python bench/bench_onnx.py --images 8 --rounds 1 --no-clean-env     # a quicker look, no venv
 
 The model is `scripts/run_real.sh`'s architecture and inference path: the `tiny` preset with the conv
 stem [24, 48, 96, 96] at 224 px, inference mode `resize` with left-right and top-bottom mirrors at
@@ -12,7 +12,9 @@ ones from `../shared/realdata` (synthetic 640 px photos when that is absent).
 
 Each runtime is timed in its own fresh process with 2 threads (peak RSS is that process's): one
 warm-up batch, then every photo in batches of 8 through `predict_probs` / `onnx_predict_probs`,
-probabilities at the photo's size for all 5 prompts. It records ms per photo, photos per second,
+probabilities at the photo's size for all 5 prompts. The runtimes take turns, round after round (the
+order reversed every other round), so that other work on the machine slows them alike; each runtime's
+figure is its median round, and each round's times are kept. It records ms per photo, photos per second,
 peak memory, file sizes, the largest probability difference and the mask pixels that differ at 0.5,
 and ONNX Runtime's dynamic int8 quantisation (`onnxruntime.quantization.quantize_dynamic`) with the
 IoU of its masks against the float model's. With random weights, that IoU measures how far int8
@@ -44,6 +46,7 @@ PROMPTS = ["segment crack", "segment wall crack", "segment taping area", "segmen
 RECIPE = {"preset": "tiny", "conv_stem": [24, 48, 96, 96], "image_size": 224, "flips": ["horizontal", "vertical"]}
 RECIPE["sizes"] = [256]
 THREADS = 2
+RUNTIMES = ("torch", "onnx", "onnx_int8")
 BATCH = 8
 CLEAN_PACKAGES = ["onnxruntime", "numpy", "pillow"]
 
@@ -149,6 +152,15 @@ def measured(runtime: str, workdir: Path, count: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def median_round(phases: list[dict]) -> dict:
+    """A runtime's median round by time (peak memory: the largest of its rounds), with every round's ms per photo."""
+    middle = sorted(phases, key=lambda phase: phase["ms_per_image"])[(len(phases) - 1) // 2]
+    return middle | {
+        "peak_rss_mb": max(phase["peak_rss_mb"] for phase in phases),
+        "rounds_ms_per_image": [phase["ms_per_image"] for phase in phases],
+    }
+
+
 def agreement(workdir: Path, reference: str, other: str) -> dict:
     """Largest probability difference, mask pixels that differ at 0.5, and the mean and lowest mask IoU."""
     first = np.load(workdir / f"probs_{reference}.npz")
@@ -213,14 +225,22 @@ def clean_env_check(workdir: Path, photos: list[Path]) -> dict:
 
 
 def table(results: dict) -> str:
-    rows = [("runtime", "ms/photo", "photos/s", "peak RSS MB", "file MB")]
+    rows = [("runtime", "ms/photo", "photos/s", "x torch", "rounds ms/photo", "peak RSS MB", "file MB")]
     sizes = {"torch": "checkpoint_weights_bytes", "onnx": "onnx_bytes", "onnx_int8": "onnx_int8_bytes"}
-    for runtime in ("torch", "onnx", "onnx_int8"):
+    torch_rate = results["runtimes"]["torch"]["images_per_second"]
+    for runtime in RUNTIMES:
         phase = results["runtimes"].get(runtime)
         if phase:
-            file_mb = results["files"][sizes[runtime]] / 1e6
             rows.append(
-                (runtime, phase["ms_per_image"], phase["images_per_second"], phase["peak_rss_mb"], f"{file_mb:.2f}")
+                (
+                    runtime,
+                    phase["ms_per_image"],
+                    phase["images_per_second"],
+                    f"{phase['images_per_second'] / torch_rate:.2f}",
+                    " ".join(str(ms) for ms in phase["rounds_ms_per_image"]),
+                    phase["peak_rss_mb"],
+                    f"{results['files'][sizes[runtime]] / 1e6:.2f}",
+                )
             )
     return "\n".join(" | ".join(str(cell) for cell in row) for row in rows)
 
@@ -228,6 +248,7 @@ def table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=32, help="photos timed per runtime (default 32)")
+    parser.add_argument("--rounds", type=int, default=3, help="turns each runtime takes, interleaved (default 3)")
     parser.add_argument("--no-clean-env", action="store_true", help="skip the virtualenv check (no pip downloads)")
     parser.add_argument("--phase", help=argparse.SUPPRESS)  # internal: one runtime in a fresh process
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -240,9 +261,14 @@ def main() -> None:
         workdir = Path(folder)
         photos = photo_paths(args.images, workdir)
         files = prepare(workdir)
-        runtimes = {runtime: measured(runtime, workdir, args.images) for runtime in ("torch", "onnx", "onnx_int8")}
+        rounds: dict[str, list[dict]] = {runtime: [] for runtime in RUNTIMES}
+        for turn in range(args.rounds):
+            for runtime in RUNTIMES if turn % 2 == 0 else RUNTIMES[::-1]:
+                rounds[runtime].append(measured(runtime, workdir, args.images))
+        runtimes = {runtime: median_round(phases) for runtime, phases in rounds.items()}
         results = {
-            "settings": RECIPE | {"prompts": PROMPTS, "threads": THREADS, "batch": BATCH, "photos": len(photos)},
+            "settings": RECIPE
+            | {"prompts": PROMPTS, "threads": THREADS, "batch": BATCH, "photos": len(photos), "rounds": args.rounds},
             "photos_from": "shared/realdata, half cracks and half taping"
             if "realdata" in str(photos[0])
             else "synthetic",

@@ -12,18 +12,28 @@ It uses `torch.onnx.export(..., dynamo=True)`, PyTorch's documented exporter (it
 Two spots of HF's code would freeze the example's shapes into the graph, so they are written here
 with shapes the exporter can keep symbolic (see `decoder_logits` and `SegmentationGraph.forward`), and
 every export is checked against PyTorch at another batch and side before it is written.
+
+The unmasked attention of the vision encoder and the decoder is written as ONNX Runtime's fused
+`com.microsoft.MultiHeadAttention` (see `fused_attention`): exported as plain ops, each decoder layer
+would write its `[pairs, heads, tokens, tokens]` scores to memory and read them back through Softmax,
+and ONNX Runtime's graph optimiser does not fuse that pattern itself. The file therefore needs ONNX
+Runtime (its standard CPU package has the op), not just any ONNX runner.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import onnxscript
 import torch
-from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
+from onnx.defs import OpSchema
+from transformers import AttentionInterface, CLIPSegForImageSegmentation, CLIPSegProcessor
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from drywall_qa.contracts.atomic import write_bytes_atomic
 from drywall_qa.contracts.thresholds import DEFAULT_THRESHOLD
@@ -38,6 +48,87 @@ CHECK_TOLERANCE = 1e-3  # largest logit difference the post-export check accepts
 
 class OnnxExportError(DrywallQAError, ValueError):
     """A model or setting the ONNX export does not cover, or an export that does not match PyTorch."""
+
+
+@torch.library.custom_op("drywall_qa::multi_head_attention", mutates_args=())
+def multi_head_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int, scale: float
+) -> torch.Tensor:
+    """Unmasked attention on `[B, T, heads * D]` projections -> `[B, T, heads * D]`: a single node for the
+    exporter to translate (`MULTI_HEAD_ATTENTION`); PyTorch's SDPA where it runs eagerly."""
+    batch, tokens, _ = query.shape
+
+    def split(x: torch.Tensor) -> torch.Tensor:
+        return x.view(batch, tokens, heads, -1).transpose(1, 2)
+
+    out = torch.nn.functional.scaled_dot_product_attention(split(query), split(key), split(value), scale=scale)
+    return out.transpose(1, 2).reshape(batch, tokens, -1)
+
+
+@multi_head_attention.register_fake
+def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    return torch.empty_like(query)
+
+
+# onnxscript builds a node from its schema; ONNX's registry knows none of ONNX Runtime's own ops.
+MULTI_HEAD_ATTENTION = onnxscript.values.Op(
+    onnxscript.values.Opset("com.microsoft", 1),
+    "MultiHeadAttention",
+    OpSchema(
+        "MultiHeadAttention",
+        "com.microsoft",
+        1,
+        inputs=[OpSchema.FormalParameter(name, "T") for name in ("query", "key", "value")],
+        outputs=[OpSchema.FormalParameter("output", "T")],
+        type_constraints=[("T", ["tensor(float)"], "float32")],
+        attributes=[
+            OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "attention heads"),
+            OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "score scale"),
+        ],
+    ),
+)
+
+
+def onnx_multi_head_attention(query, key, value, heads: int, scale: float):
+    """`multi_head_attention` as ONNX Runtime's op (the exporter's `custom_translation_table`)."""
+    return MULTI_HEAD_ATTENTION(query, key, value, num_heads=heads, scale=scale)
+
+
+FUSED_ATTENTION = "drywall_qa_fused"  # the attention implementation's name in transformers' registry
+
+
+def fused_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A transformers attention function (`[B, heads, T, D]` in, `[B, T, heads, D]` out): unmasked
+    attention through `multi_head_attention`, anything else through SDPA as before."""
+    if attention_mask is not None or getattr(module, "is_causal", False) or dropout:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    batch, heads, tokens, width = query.shape
+
+    def merge(x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2).reshape(batch, tokens, heads * width)
+
+    scale = float(scaling if scaling is not None else width**-0.5)
+    out = torch.ops.drywall_qa.multi_head_attention(merge(query), merge(key), merge(value), heads, scale)
+    return out.view(batch, tokens, heads, width), None
+
+
+AttentionInterface.register(FUSED_ATTENTION, fused_attention)
+
+
+@contextlib.contextmanager
+def fused_attention_layers(model: CLIPSegForImageSegmentation) -> Iterator[None]:
+    """The vision encoder's and the decoder's attention as `fused_attention` inside the block (the
+    text encoder's, causal and padded, stays as it is)."""
+    layers = [*model.clip.vision_model.encoder.layers, *model.decoder.layers]
+    configs = list({id(layer.self_attn.config): layer.self_attn.config for layer in layers}.values())
+    before = [config._attn_implementation for config in configs]
+    try:
+        for config in configs:
+            config._attn_implementation = FUSED_ATTENTION
+        yield
+    finally:
+        for config, implementation in zip(configs, before, strict=True):
+            config._attn_implementation = implementation
 
 
 def decoder_logits(decoder, activations: Sequence[torch.Tensor], conditional: torch.Tensor, side: int) -> torch.Tensor:
@@ -146,10 +237,11 @@ def export_onnx(
         "input_ids": {0: prompt_count, 1: tokens},
         "attention_mask": {0: prompt_count, 1: tokens},
     }
-    with torch.no_grad():
+    translations = {torch.ops.drywall_qa.multi_head_attention.default: onnx_multi_head_attention}
+    with torch.no_grad(), fused_attention_layers(model):
         program = torch.onnx.export(
             graph, example, dynamo=True, input_names=INPUT_NAMES, output_names=["logits"],
-            dynamic_shapes=dynamic_shapes, optimize=True, verbose=False,
+            dynamic_shapes=dynamic_shapes, optimize=True, verbose=False, custom_translation_table=translations,
         )  # fmt: skip
     proto = program.model_proto
     entry = proto.metadata_props.add()

@@ -24,6 +24,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,11 @@ class OnnxModel:
     @property
     def prompts(self) -> list[str]:
         return list(self.spec["prompts"])
+
+    @property
+    def threads(self) -> int:
+        """The session's intra-op threads (0 in its options: ONNX Runtime's default, one per core)."""
+        return self.session.get_session_options().intra_op_num_threads or os.cpu_count() or 1
 
     def rule(self, prompt: str) -> tuple[float, bool]:
         """The prompt's val-chosen (threshold, snapped to boxes)."""
@@ -101,18 +107,34 @@ def token_batch(model: OnnxModel, prompts: Sequence[str]) -> tuple[np.ndarray, n
     return input_ids, attention_mask
 
 
-def pixel_values(spec: dict, images: Sequence[Image.Image], side: int) -> np.ndarray:
-    """`[B, 3, side, side]` float32: the HF image processor's steps (PIL bilinear resize, rescale in
-    float64, normalise in float32), so the graph sees the pixels PyTorch's path sees."""
-    mean = np.asarray(spec["image_mean"], dtype=np.float32)
-    std = np.asarray(spec["image_std"], dtype=np.float32)
-    batch = []
-    for image in images:
+def normalising_table(spec: dict) -> np.ndarray:
+    """`[3, 256]` float32: each channel's normalised value of each 8-bit level, computed as the HF image
+    processor computes it per pixel (rescale in float64, then `(x - mean) / std` in float32), so a
+    lookup gives the same bits as the arithmetic at a fraction of its cost."""
+    mean = np.asarray(spec["image_mean"], dtype=np.float32)[:, None]
+    std = np.asarray(spec["image_std"], dtype=np.float32)[:, None]
+    scaled = (np.arange(256, dtype=np.float64) * spec["rescale_factor"]).astype(np.float32)
+    return (scaled[None, :] - mean) / std
+
+
+def pixel_values(
+    spec: dict, images: Sequence[Image.Image], side: int, pool: ThreadPoolExecutor | None = None
+) -> np.ndarray:
+    """`[B, 3, side, side]` float32: the HF image processor's steps (PIL bilinear resize, then rescale and
+    normalise through `normalising_table`), so the graph sees the pixels PyTorch's path sees. With a
+    `pool`, the images are resized in its threads (Pillow releases the GIL while it resamples)."""
+    table = normalising_table(spec)
+    batch = np.empty((len(images), 3, side, side), dtype=np.float32)
+
+    def fill(index: int) -> None:
+        image = images[index]
         rgb = image if image.mode == "RGB" else image.convert("RGB")
         resized = np.asarray(rgb.resize((side, side), resample=Image.Resampling.BILINEAR))
-        scaled = (resized.astype(np.float64) * spec["rescale_factor"]).astype(np.float32)
-        batch.append(((scaled - mean) / std).transpose(2, 0, 1))
-    return np.ascontiguousarray(np.stack(batch))
+        for channel in range(3):
+            np.take(table[channel], resized[..., channel], out=batch[index, channel])
+
+    list(pool.map(fill, range(len(images))) if pool else map(fill, range(len(images))))
+    return batch
 
 
 def bilinear_taps(source: int, target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -151,33 +173,61 @@ def onnx_predict_probs(
     model: OnnxModel, images: Sequence[Image.Image], prompts: Sequence[str], batch_size: int = 8
 ) -> list[np.ndarray]:
     """For each PIL image a float32 `[len(prompts), H, W]` array of probabilities at its original
-    size: `drywall_qa.inference.predict_probs` of the exported model, run by ONNX Runtime."""
+    size: `drywall_qa.inference.predict_probs` of the exported model, run by ONNX Runtime.
+
+    The graph runs once per batch and side, on all the mirrored views at that side together (fewer,
+    larger runs keep its two threads busier). The numpy work around it (pixels in, probabilities out)
+    runs in `model.threads` threads, image by image, since ONNX Runtime's threads are idle then: at
+    photo size it costs about a third of the graph, and numpy alone would use one core."""
     if not prompts:
         raise OnnxModelError("onnx_predict_probs needs at least one prompt")
     if batch_size < 1:
         raise OnnxModelError(f"batch_size must be >= 1, got {batch_size}")
     input_ids, attention_mask = token_batch(model, prompts)
-    views = [(flip, side) for flip in (None, *model.spec["flips"]) for side in (model.spec["sizes"] or (None,))]
+    flips = [None, *model.spec["flips"]]
+    sides = model.spec["sizes"] or [model.spec["input_size"]]
+    views = [(flip, side) for flip in flips for side in sides]  # PyTorch's order, so the float sums agree
     results = []
-    for start in range(0, len(images), batch_size):
-        batch = [image if image.mode == "RGB" else image.convert("RGB") for image in images[start : start + batch_size]]
-        totals: list[np.ndarray | None] = [None] * len(batch)
-        for flip, side in views:  # the same order as PyTorch's, so the float sums agree
-            view = [mirrored(image, flip) for image in batch]
-            feed = {
-                "pixel_values": pixel_values(model.spec, view, side or model.spec["input_size"]),
-                "input_ids": input_ids,
-                "attention_mask": attention_mask,
-            }
-            (logits,) = model.session.run(["logits"], feed)
-            for index, image in enumerate(batch):
-                resized = resize_bilinear(logits[index], (image.height, image.width))
-                if flip is not None:
-                    resized = np.flip(resized, axis=FLIP_AXES[flip])
-                totals[index] = resized if totals[index] is None else totals[index] + resized
-        for total in totals:
-            results.append(np.ascontiguousarray(sigmoid(total / np.float32(len(views))), dtype=np.float32))
+    with ThreadPoolExecutor(model.threads) as pool:
+        for start in range(0, len(images), batch_size):
+            batch = [
+                image if image.mode == "RGB" else image.convert("RGB") for image in images[start : start + batch_size]
+            ]
+            logits_of = {}  # (flip, side) -> that view's [B, P, s, s] logits
+            for side in sides:
+                mirrors = [mirrored(image, flip) for flip in flips for image in batch]
+                feed = {
+                    "pixel_values": pixel_values(model.spec, mirrors, side, pool),
+                    "input_ids": input_ids,
+                    "attention_mask": attention_mask,
+                }
+                (logits,) = model.session.run(["logits"], feed)
+                for index, flip in enumerate(flips):
+                    logits_of[flip, side] = logits[index * len(batch) : (index + 1) * len(batch)]
+            per_image = [[logits_of[view][index] for view in views] for index in range(len(batch))]
+            sizes = [(image.height, image.width) for image in batch]
+            view_flips = [flip for flip, _ in views]
+            results.extend(pool.map(view_averaged_probs, per_image, [view_flips] * len(batch), sizes))
     return results
+
+
+def view_averaged_probs(
+    view_logits: Sequence[np.ndarray], flips: Sequence[str | None], size: tuple[int, int]
+) -> np.ndarray:
+    """`[P, H, W]` float32 probabilities of one image from its views' `[P, s, s]` logits: each view
+    resized to `size`, mirrored back, summed in view order, divided by the view count, then the
+    sigmoid; PyTorch's operations in PyTorch's order, so the floats agree. One prompt at a time: a
+    photo-sized map (1.6 MB at 640 px) stays in a core's cache through all these steps."""
+    probs = np.empty((view_logits[0].shape[0], *size), dtype=np.float32)
+    for prompt in range(len(probs)):
+        total = None
+        for logits, flip in zip(view_logits, flips, strict=True):
+            resized = resize_bilinear(logits[prompt : prompt + 1], size)[0]
+            if flip is not None:
+                resized = np.flip(resized, axis=FLIP_AXES[flip])
+            total = resized if total is None else total + resized
+        probs[prompt] = sigmoid(total / np.float32(len(flips)))
+    return probs
 
 
 def mirrored(image: Image.Image, flip: str | None) -> Image.Image:
