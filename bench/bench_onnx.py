@@ -139,6 +139,7 @@ def run_phase(runtime: str, workdir: Path, photos: list[Path]) -> dict:
         "ms_per_image": round(1000 * seconds / len(images), 1),
         "images_per_second": round(len(images) / seconds, 3),
         "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1),
+        "load_average": round(os.getloadavg()[0], 2),  # other work on the machine (1-minute average)
     }
 
 
@@ -158,6 +159,7 @@ def median_round(phases: list[dict]) -> dict:
     return middle | {
         "peak_rss_mb": max(phase["peak_rss_mb"] for phase in phases),
         "rounds_ms_per_image": [phase["ms_per_image"] for phase in phases],
+        "rounds_load_average": [phase["load_average"] for phase in phases],
     }
 
 
