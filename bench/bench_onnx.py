@@ -1,8 +1,8 @@
 """PyTorch against ONNX Runtime on 2 CPU cores, at the real recipe's inference settings, and the
 exported model in a virtualenv with only onnxruntime, numpy and Pillow.
 
-    python bench/bench_onnx.py                 # ~6 minutes on 2 cores (pip downloads included); writes bench/onnx_results.json
-    python bench/bench_onnx.py --images 8 --rounds 1 --no-clean-env     # a quicker look, no venv
+    python bench/bench_onnx.py                 # ~3 minutes on 2 cores (pip downloads included); writes bench/onnx_results.json
+    python bench/bench_onnx.py --images 8 --rounds 3 --no-clean-env     # a quicker look, no venv
 
 The model is `scripts/run_real.sh`'s architecture and inference path: the `tiny` preset with the conv
 stem [24, 48, 96, 96] at 224 px, inference mode `resize` with left-right and top-bottom mirrors at
@@ -10,11 +10,13 @@ stem [24, 48, 96, 96] at 224 px, inference mode `resize` with left-right and top
 checkpoint of the recipe is in the repo; speed does not depend on the values). The photos are real
 ones from `../shared/realdata` (synthetic 640 px photos when that is absent).
 
-Each runtime is timed in its own fresh process with 2 threads (peak RSS is that process's): one
-warm-up batch, then every photo in batches of 8 through `predict_probs` / `onnx_predict_probs`,
-probabilities at the photo's size for all 5 prompts. The runtimes take turns, round after round (the
-order reversed every other round), so that other work on the machine slows them alike; each runtime's
-figure is its median round, and each round's times are kept. It records ms per photo, photos per second,
+Each runtime runs in its own process with 2 threads (peak RSS is that process's; it holds the last
+pass's probabilities, as the comparison needs): one warm-up batch, then passes over every photo in
+batches of 8 through `predict_probs` / `onnx_predict_probs`, probabilities at the photo's size for all
+5 prompts. The three processes stay open and take turns, one pass each per round (the order reversed
+every other round), so that other work on the machine slows them alike; each runtime's figure is its
+median pass, and every pass's time, the load average then (the bench's own 2 threads count ~2 of it)
+and each round's speed ratio to PyTorch are kept. It records ms per photo, photos per second,
 peak memory, file sizes, the largest probability difference and the mask pixels that differ at 0.5,
 and ONNX Runtime's dynamic int8 quantisation (`onnxruntime.quantization.quantize_dynamic`) with the
 IoU of its masks against the float model's. With random weights, that IoU measures how far int8
@@ -47,6 +49,7 @@ RECIPE = {"preset": "tiny", "conv_stem": [24, 48, 96, 96], "image_size": 224, "f
 RECIPE["sizes"] = [256]
 THREADS = 2
 RUNTIMES = ("torch", "onnx", "onnx_int8")
+REPLY = "bench-phase: "  # marks a worker's replies on its stdout
 BATCH = 8
 CLEAN_PACKAGES = ["onnxruntime", "numpy", "pillow"]
 
@@ -103,8 +106,10 @@ def prepare(workdir: Path) -> dict:
     }
 
 
-def run_phase(runtime: str, workdir: Path, photos: list[Path]) -> dict:
-    """One runtime in this process: time it, keep its probabilities for the comparison."""
+def run_phase(runtime: str, workdir: Path, photos: list[Path]) -> None:
+    """One runtime in this process, a worker of `Phase`: load it and warm it up, then answer each line
+    of stdin: `time` times one pass over every photo, `done` saves the last pass's probabilities for
+    the comparison, reports peak memory and ends."""
     from PIL import Image
 
     from drywall_qa.runtime import peak_rss_bytes
@@ -131,36 +136,75 @@ def run_phase(runtime: str, workdir: Path, photos: list[Path]) -> dict:
             return onnx_predict_probs(onnx_model, batch, PROMPTS, batch_size=BATCH)
 
     probs_of(images[:BATCH])  # warm-up: allocations, kernel choice
-    started = time.perf_counter()
-    probs = [prob for start in range(0, len(images), BATCH) for prob in probs_of(images[start : start + BATCH])]
-    seconds = time.perf_counter() - started
-    np.savez_compressed(workdir / f"probs_{runtime}.npz", *probs)
-    return {
-        "ms_per_image": round(1000 * seconds / len(images), 1),
-        "images_per_second": round(len(images) / seconds, 3),
-        "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1),
-        "load_average": round(os.getloadavg()[0], 2),  # other work on the machine (1-minute average)
-    }
+    reply({"ready": True})
+    probs = []
+    for command in sys.stdin:
+        if command.strip() == "time":
+            started = time.perf_counter()
+            probs = [prob for start in range(0, len(images), BATCH) for prob in probs_of(images[start : start + BATCH])]
+            seconds = time.perf_counter() - started
+            reply({"seconds": seconds, "load_average": round(os.getloadavg()[0], 2)})
+        elif command.strip() == "done":
+            np.savez_compressed(workdir / f"probs_{runtime}.npz", *probs)
+            reply({"peak_rss_mb": round(peak_rss_bytes() / 2**20, 1)})
+            return
 
 
-def measured(runtime: str, workdir: Path, count: int) -> dict:
-    """`run_phase` in a fresh process (own peak memory, no warm caches from another runtime)."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), PYTHONPATH=str(REPO / "src"))
-    command = [sys.executable, __file__, "--phase", runtime, "--workdir", str(workdir), "--images", str(count)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"phase {runtime} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def reply(message: dict) -> None:
+    print(REPLY + json.dumps(message), flush=True)
 
 
-def median_round(phases: list[dict]) -> dict:
-    """A runtime's median round by time (peak memory: the largest of its rounds), with every round's ms per photo."""
-    middle = sorted(phases, key=lambda phase: phase["ms_per_image"])[(len(phases) - 1) // 2]
-    return middle | {
-        "peak_rss_mb": max(phase["peak_rss_mb"] for phase in phases),
-        "rounds_ms_per_image": [phase["ms_per_image"] for phase in phases],
-        "rounds_load_average": [phase["load_average"] for phase in phases],
-    }
+class Phase:
+    """`run_phase` in its own process (own peak memory, no caches shared with another runtime), held
+    open so that the runtimes can take short turns."""
+
+    def __init__(self, runtime: str, workdir: Path, count: int):
+        env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), PYTHONPATH=str(REPO / "src"))
+        command = [sys.executable, __file__, "--phase", runtime, "--workdir", str(workdir), "--images", str(count)]
+        self.runtime, self.log = runtime, workdir / f"phase_{runtime}.log"
+        with self.log.open("w") as log:
+            self.process = subprocess.Popen(
+                command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True
+            )
+
+    def ask(self, command: str | None = None) -> dict:
+        if command:
+            self.process.stdin.write(command + "\n")
+            self.process.stdin.flush()
+        for line in self.process.stdout:
+            if line.startswith(REPLY):
+                return json.loads(line[len(REPLY) :])
+        raise SystemExit(f"phase {self.runtime} failed:\n{self.log.read_text()[-3000:]}")
+
+
+def timed_in_turns(workdir: Path, count: int, rounds: int) -> dict:
+    """Each runtime's passes over the photos, taking turns round after round (the order reversed every
+    other round), so that other work on the machine slows them alike. A runtime's figure is its median
+    pass; every pass's time and the machine's load average then are kept, and so is each round's speed
+    ratio of ONNX Runtime to PyTorch."""
+    phases = {runtime: Phase(runtime, workdir, count) for runtime in RUNTIMES}
+    for phase in phases.values():
+        phase.ask()  # loaded and warmed up (they load side by side; that is not timed)
+    passes: dict[str, list[dict]] = {runtime: [] for runtime in RUNTIMES}
+    for turn in range(rounds):
+        for runtime in RUNTIMES if turn % 2 == 0 else RUNTIMES[::-1]:
+            passes[runtime].append(phases[runtime].ask("time"))
+    results = {}
+    for runtime, phase in phases.items():
+        ms = [1000 * one["seconds"] / count for one in passes[runtime]]
+        middle = float(np.median(ms))
+        results[runtime] = {
+            "ms_per_image": round(middle, 1),
+            "images_per_second": round(1000 / middle, 3),
+            "peak_rss_mb": phase.ask("done")["peak_rss_mb"],
+            "rounds_ms_per_image": [round(value, 1) for value in ms],
+            "rounds_load_average": [one["load_average"] for one in passes[runtime]],
+        }
+        phase.process.wait(timeout=60)
+    for runtime in ("onnx", "onnx_int8"):
+        pairs = zip(results["torch"]["rounds_ms_per_image"], results[runtime]["rounds_ms_per_image"], strict=True)
+        results[runtime]["rounds_speedup"] = [round(torch_ms / other_ms, 2) for torch_ms, other_ms in pairs]
+    return results
 
 
 def agreement(workdir: Path, reference: str, other: str) -> dict:
@@ -227,7 +271,9 @@ def clean_env_check(workdir: Path, photos: list[Path]) -> dict:
 
 
 def table(results: dict) -> str:
-    rows = [("runtime", "ms/photo", "photos/s", "x torch", "rounds ms/photo", "peak RSS MB", "file MB")]
+    rows = [
+        ("runtime", "ms/photo", "photos/s", "x torch", "passes ms/photo", "x torch by round", "peak RSS MB", "file MB")
+    ]
     sizes = {"torch": "checkpoint_weights_bytes", "onnx": "onnx_bytes", "onnx_int8": "onnx_int8_bytes"}
     torch_rate = results["runtimes"]["torch"]["images_per_second"]
     for runtime in RUNTIMES:
@@ -240,6 +286,7 @@ def table(results: dict) -> str:
                     phase["images_per_second"],
                     f"{phase['images_per_second'] / torch_rate:.2f}",
                     " ".join(str(ms) for ms in phase["rounds_ms_per_image"]),
+                    " ".join(str(ratio) for ratio in phase.get("rounds_speedup", [])) or "-",
                     phase["peak_rss_mb"],
                     f"{results['files'][sizes[runtime]] / 1e6:.2f}",
                 )
@@ -250,24 +297,20 @@ def table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=32, help="photos timed per runtime (default 32)")
-    parser.add_argument("--rounds", type=int, default=3, help="turns each runtime takes, interleaved (default 3)")
+    parser.add_argument("--rounds", type=int, default=7, help="timed passes per runtime, taking turns (default 7)")
     parser.add_argument("--no-clean-env", action="store_true", help="skip the virtualenv check (no pip downloads)")
     parser.add_argument("--phase", help=argparse.SUPPRESS)  # internal: one runtime in a fresh process
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase:
         workdir = Path(args.workdir)
-        print(json.dumps(run_phase(args.phase, workdir, photo_paths(args.images, workdir))))
+        run_phase(args.phase, workdir, photo_paths(args.images, workdir))
         return
     with tempfile.TemporaryDirectory(prefix="drywall-qa-bench-onnx-") as folder:
         workdir = Path(folder)
         photos = photo_paths(args.images, workdir)
         files = prepare(workdir)
-        rounds: dict[str, list[dict]] = {runtime: [] for runtime in RUNTIMES}
-        for turn in range(args.rounds):
-            for runtime in RUNTIMES if turn % 2 == 0 else RUNTIMES[::-1]:
-                rounds[runtime].append(measured(runtime, workdir, args.images))
-        runtimes = {runtime: median_round(phases) for runtime, phases in rounds.items()}
+        runtimes = timed_in_turns(workdir, args.images, args.rounds)
         results = {
             "settings": RECIPE
             | {"prompts": PROMPTS, "threads": THREADS, "batch": BATCH, "photos": len(photos), "rounds": args.rounds},

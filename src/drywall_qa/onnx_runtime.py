@@ -176,9 +176,12 @@ def onnx_predict_probs(
     size: `drywall_qa.inference.predict_probs` of the exported model, run by ONNX Runtime.
 
     The graph runs once per batch and side, on all the mirrored views at that side together (fewer,
-    larger runs keep its two threads busier). The numpy work around it (pixels in, probabilities out)
-    runs in `model.threads` threads, image by image, since ONNX Runtime's threads are idle then: at
-    photo size it costs about a third of the graph, and numpy alone would use one core."""
+    larger runs keep its two threads busier). The views' logits are mirrored back and averaged at the
+    graph's resolution, then resized to the photo once per side, where PyTorch resizes every view: the
+    same mean in exact arithmetic (the bilinear resize is linear, and mirror-symmetric), at a third of
+    the numpy work for the recipe's 3 views. In float32 the mirrored resize positions round
+    differently, so probabilities differ from PyTorch's by ~1e-6 (bench/onnx_results.json). The numpy
+    work runs in `model.threads` threads, image by image, since ONNX Runtime's threads are idle then."""
     if not prompts:
         raise OnnxModelError("onnx_predict_probs needs at least one prompt")
     if batch_size < 1:
@@ -186,14 +189,13 @@ def onnx_predict_probs(
     input_ids, attention_mask = token_batch(model, prompts)
     flips = [None, *model.spec["flips"]]
     sides = model.spec["sizes"] or [model.spec["input_size"]]
-    views = [(flip, side) for flip in flips for side in sides]  # PyTorch's order, so the float sums agree
     results = []
     with ThreadPoolExecutor(model.threads) as pool:
         for start in range(0, len(images), batch_size):
             batch = [
                 image if image.mode == "RGB" else image.convert("RGB") for image in images[start : start + batch_size]
             ]
-            logits_of = {}  # (flip, side) -> that view's [B, P, s, s] logits
+            averaged = []  # per side: [B, P, s, s] logits, its views' share of the mean
             for side in sides:
                 mirrors = [mirrored(image, flip) for flip in flips for image in batch]
                 feed = {
@@ -202,31 +204,28 @@ def onnx_predict_probs(
                     "attention_mask": attention_mask,
                 }
                 (logits,) = model.session.run(["logits"], feed)
-                for index, flip in enumerate(flips):
-                    logits_of[flip, side] = logits[index * len(batch) : (index + 1) * len(batch)]
-            per_image = [[logits_of[view][index] for view in views] for index in range(len(batch))]
+                total = None
+                for flip, view in zip(flips, logits.reshape(len(flips), len(batch), *logits.shape[1:]), strict=True):
+                    view = view if flip is None else np.flip(view, axis=FLIP_AXES[flip])
+                    total = view if total is None else total + view
+                averaged.append(total / np.float32(len(flips) * len(sides)))
+            per_image = [[logits[index] for logits in averaged] for index in range(len(batch))]
             sizes = [(image.height, image.width) for image in batch]
-            view_flips = [flip for flip, _ in views]
-            results.extend(pool.map(view_averaged_probs, per_image, [view_flips] * len(batch), sizes))
+            results.extend(pool.map(resized_probs, per_image, sizes))
     return results
 
 
-def view_averaged_probs(
-    view_logits: Sequence[np.ndarray], flips: Sequence[str | None], size: tuple[int, int]
-) -> np.ndarray:
-    """`[P, H, W]` float32 probabilities of one image from its views' `[P, s, s]` logits: each view
-    resized to `size`, mirrored back, summed in view order, divided by the view count, then the
-    sigmoid; PyTorch's operations in PyTorch's order, so the floats agree. One prompt at a time: a
-    photo-sized map (1.6 MB at 640 px) stays in a core's cache through all these steps."""
-    probs = np.empty((view_logits[0].shape[0], *size), dtype=np.float32)
+def resized_probs(side_logits: Sequence[np.ndarray], size: tuple[int, int]) -> np.ndarray:
+    """`[P, H, W]` float32 probabilities of one image: each side's `[P, s, s]` logits resized to `size`,
+    summed, then the sigmoid. One prompt at a time: a photo-sized map (1.6 MB at 640 px) stays in a
+    core's cache through these steps."""
+    probs = np.empty((side_logits[0].shape[0], *size), dtype=np.float32)
     for prompt in range(len(probs)):
         total = None
-        for logits, flip in zip(view_logits, flips, strict=True):
+        for logits in side_logits:
             resized = resize_bilinear(logits[prompt : prompt + 1], size)[0]
-            if flip is not None:
-                resized = np.flip(resized, axis=FLIP_AXES[flip])
             total = resized if total is None else total + resized
-        probs[prompt] = sigmoid(total / np.float32(len(flips)))
+        probs[prompt] = sigmoid(total)
     return probs
 
 
