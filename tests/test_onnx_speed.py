@@ -1,6 +1,7 @@
 """What makes the ONNX runner fast (issue 29), checked without timing anything: the export's unmasked
 attention is ONNX Runtime's fused op, the runner sends every mirrored view of a side through the graph
-in one run, and its lookup-table normalisation gives the image processor's pixels."""
+in one run, and its pixels (one resize per photo, mirrored after it, a lookup-table normalisation) are
+the image processor's pixels of each mirrored photo."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from PIL import Image
 from drywall_qa.inference import InferenceConfig, pixel_values_for, predict_probs
 from drywall_qa.model import build_model
 from drywall_qa.onnx_export import export_onnx
-from drywall_qa.onnx_runtime import OnnxModel, load_onnx_model, onnx_predict_probs, pixel_values
+from drywall_qa.onnx_runtime import OnnxModel, load_onnx_model, mirrored, onnx_predict_probs, pixel_values
 
 PROMPTS = ["segment crack", "segment taping area"]
 
@@ -79,4 +80,19 @@ def test_the_lookup_table_normalisation_is_the_image_processors(export):
     got = pixel_values(spec, images, 48)
     expected = pixel_values_for(processor, images, 48).numpy()
     assert got.dtype == np.float32 and got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("side", [48, 224, 256])
+def test_mirroring_after_the_resize_gives_the_pixels_of_the_mirrored_photo(export, side):
+    _, processor, path = export
+    spec = load_onnx_model(path).spec
+    rng = np.random.default_rng(side)
+    sizes = [(640, 640), (480, 640), (1500, 2000), (333, 517), (61, 97)]
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+    flips = [None, "horizontal", "vertical"]
+    got = pixel_values(spec, images, side, flips=flips)
+    expected = np.concatenate(
+        [pixel_values_for(processor, [mirrored(image, flip) for image in images], side).numpy() for flip in flips]
+    )
     np.testing.assert_array_equal(got, expected)

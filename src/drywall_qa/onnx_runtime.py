@@ -118,20 +118,30 @@ def normalising_table(spec: dict) -> np.ndarray:
 
 
 def pixel_values(
-    spec: dict, images: Sequence[Image.Image], side: int, pool: ThreadPoolExecutor | None = None
+    spec: dict,
+    images: Sequence[Image.Image],
+    side: int,
+    pool: ThreadPoolExecutor | None = None,
+    flips: Sequence[str | None] = (None,),
 ) -> np.ndarray:
-    """`[B, 3, side, side]` float32: the HF image processor's steps (PIL bilinear resize, then rescale and
-    normalise through `normalising_table`), so the graph sees the pixels PyTorch's path sees. With a
-    `pool`, the images are resized in its threads (Pillow releases the GIL while it resamples)."""
+    """`[len(flips) * B, 3, side, side]` float32, flip-major: each image mirrored, then the HF image
+    processor's steps (PIL bilinear resize, then rescale and normalise through `normalising_table`),
+    so the graph sees the pixels PyTorch's path sees. Each image is resized once and the result
+    mirrored: Pillow's resize commutes with mirroring (the same bytes on every real photo at 4 sides
+    and on random sizes; tests/test_onnx_speed.py checks it), and the resize is most of this work.
+    With a `pool`, the images are resized in its threads (Pillow releases the GIL while it resamples)."""
     table = normalising_table(spec)
-    batch = np.empty((len(images), 3, side, side), dtype=np.float32)
+    batch = np.empty((len(flips) * len(images), 3, side, side), dtype=np.float32)
 
     def fill(index: int) -> None:
         image = images[index]
         rgb = image if image.mode == "RGB" else image.convert("RGB")
         resized = np.asarray(rgb.resize((side, side), resample=Image.Resampling.BILINEAR))
         for channel in range(3):
-            np.take(table[channel], resized[..., channel], out=batch[index, channel])
+            levels = resized[..., channel]
+            for turn, flip in enumerate(flips):
+                view = levels if flip is None else np.flip(levels, axis=FLIP_AXES[flip])
+                np.take(table[channel], view, out=batch[turn * len(images) + index, channel])
 
     list(pool.map(fill, range(len(images))) if pool else map(fill, range(len(images))))
     return batch
@@ -176,12 +186,9 @@ def onnx_predict_probs(
     size: `drywall_qa.inference.predict_probs` of the exported model, run by ONNX Runtime.
 
     The graph runs once per batch and side, on all the mirrored views at that side together (fewer,
-    larger runs keep its two threads busier). The views' logits are mirrored back and averaged at the
-    graph's resolution, then resized to the photo once per side, where PyTorch resizes every view: the
-    same mean in exact arithmetic (the bilinear resize is linear, and mirror-symmetric), at a third of
-    the numpy work for the recipe's 3 views. In float32 the mirrored resize positions round
-    differently, so probabilities differ from PyTorch's by ~1e-6 (bench/onnx_results.json). The numpy
-    work runs in `model.threads` threads, image by image, since ONNX Runtime's threads are idle then."""
+    larger runs keep its two threads busier). The numpy work around it (pixels in, probabilities out)
+    runs in `model.threads` threads, image by image, since ONNX Runtime's threads are idle then; see
+    `view_averaged_probs` for how it departs from PyTorch's order of operations."""
     if not prompts:
         raise OnnxModelError("onnx_predict_probs needs at least one prompt")
     if batch_size < 1:
@@ -189,41 +196,48 @@ def onnx_predict_probs(
     input_ids, attention_mask = token_batch(model, prompts)
     flips = [None, *model.spec["flips"]]
     sides = model.spec["sizes"] or [model.spec["input_size"]]
+    views = [(flip, side) for flip in flips for side in sides]  # PyTorch's order
     results = []
     with ThreadPoolExecutor(model.threads) as pool:
         for start in range(0, len(images), batch_size):
-            batch = [
-                image if image.mode == "RGB" else image.convert("RGB") for image in images[start : start + batch_size]
-            ]
-            averaged = []  # per side: [B, P, s, s] logits, its views' share of the mean
+            batch = images[start : start + batch_size]
+            logits_of = {}  # (flip, side) -> that view's [B, P, s, s] logits
             for side in sides:
-                mirrors = [mirrored(image, flip) for flip in flips for image in batch]
                 feed = {
-                    "pixel_values": pixel_values(model.spec, mirrors, side, pool),
+                    "pixel_values": pixel_values(model.spec, batch, side, pool, flips),
                     "input_ids": input_ids,
                     "attention_mask": attention_mask,
                 }
                 (logits,) = model.session.run(["logits"], feed)
-                total = None
-                for flip, view in zip(flips, logits.reshape(len(flips), len(batch), *logits.shape[1:]), strict=True):
-                    view = view if flip is None else np.flip(view, axis=FLIP_AXES[flip])
-                    total = view if total is None else total + view
-                averaged.append(total / np.float32(len(flips) * len(sides)))
-            per_image = [[logits[index] for logits in averaged] for index in range(len(batch))]
+                for index, flip in enumerate(flips):
+                    logits_of[flip, side] = logits[index * len(batch) : (index + 1) * len(batch)]
+            per_image = [[logits_of[view][index] for view in views] for index in range(len(batch))]
             sizes = [(image.height, image.width) for image in batch]
-            results.extend(pool.map(resized_probs, per_image, sizes))
+            results.extend(pool.map(view_averaged_probs, per_image, [views] * len(batch), sizes))
     return results
 
 
-def resized_probs(side_logits: Sequence[np.ndarray], size: tuple[int, int]) -> np.ndarray:
-    """`[P, H, W]` float32 probabilities of one image: each side's `[P, s, s]` logits resized to `size`,
-    summed, then the sigmoid. One prompt at a time: a photo-sized map (1.6 MB at 640 px) stays in a
-    core's cache through these steps."""
-    probs = np.empty((side_logits[0].shape[0], *size), dtype=np.float32)
+def view_averaged_probs(
+    view_logits: Sequence[np.ndarray], views: Sequence[tuple[str | None, int]], size: tuple[int, int]
+) -> np.ndarray:
+    """`[P, H, W]` float32 probabilities of one image from its views' `[P, s, s]` logits (`views`:
+    each one's (flip, side)): mirrored back and averaged per side at the graph's resolution, each
+    side's share resized to `size` once, summed, then the sigmoid.
+
+    PyTorch resizes every view to the photo before it averages them: the same mean in exact arithmetic
+    (the bilinear resize is linear, and mirror-symmetric), at a third of the numpy work for the recipe's
+    3 views. In float32 the mirrored resize positions round differently, so probabilities differ from
+    PyTorch's by ~1e-6 (bench/onnx_results.json, tests/test_onnx.py). One prompt at a time: a
+    photo-sized map (1.6 MB at 640 px) stays in a core's cache through these steps."""
+    probs = np.empty((view_logits[0].shape[0], *size), dtype=np.float32)
     for prompt in range(len(probs)):
+        by_side: dict[int, np.ndarray] = {}
+        for (flip, side), logits in zip(views, view_logits, strict=True):
+            view = logits[prompt] if flip is None else np.flip(logits[prompt], axis=FLIP_AXES[flip])
+            by_side[side] = by_side[side] + view if side in by_side else view
         total = None
-        for logits in side_logits:
-            resized = resize_bilinear(logits[prompt : prompt + 1], size)[0]
+        for summed in by_side.values():
+            resized = resize_bilinear(summed[None] / np.float32(len(views)), size)[0]
             total = resized if total is None else total + resized
         probs[prompt] = sigmoid(total)
     return probs
