@@ -147,6 +147,7 @@ def run_phase(runtime: str, workdir: Path, photos: list[Path]) -> None:
     probs = []
     for command in sys.stdin:
         if command.strip() == "time":
+            probs.clear()  # one pass's probabilities in memory at a time, as one run over the photos holds
             started = time.perf_counter()
             probs = [prob for start in range(0, len(images), BATCH) for prob in probs_of(images[start : start + BATCH])]
             seconds = time.perf_counter() - started
