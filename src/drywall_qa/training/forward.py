@@ -61,7 +61,9 @@ class PairForward:
             )
         return resize_logits(logits.float(), tuple(masks.shape[-2:])), masks
 
-    def native(self, batch: dict[str, torch.Tensor], config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    def native(
+        self, batch: dict[str, torch.Tensor], inference: InferenceConfig, window: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """`(logits, masks)` of whole images at the working scale through inference's own path
         (`native_logits`: one pass, or sliding windows), every prompt decoded, the batch's pairs kept."""
         masks = batch["masks"].to(self.device, non_blocking=True)
@@ -70,8 +72,8 @@ class PairForward:
                 self.model,
                 batch["pixel_values"].to(self.device, non_blocking=True),
                 self.conditionals(),
-                inference_of(config),
-                window=config.model.image_size,
+                inference,
+                window=window,
             )
         image_index = batch["image_index"].to(self.device)
         logits = all_logits[image_index, batch["prompt_index"].to(self.device)]

@@ -398,7 +398,8 @@ def validate(
     """Val loss over all pairs; mIoU and Dice at 0.5 over the manifest's pairs (positives); with
     negative prompts also the mean IoU of negative pairs (1 = predicted empty, as it should)."""
     forward.model.eval()
-    if inference_of(config).native:
+    inference = inference_of(config)
+    if inference.native:
         loader = DataLoader(
             val_set,
             batch_sampler=size_grouped_batches(val_set, config.train.batch_size),
@@ -412,7 +413,10 @@ def validate(
     loss_sum, pairs = 0.0, 0
     ious, dices, positive = [], [], []
     for batch in loader:
-        logits, masks = forward.native(batch, config) if inference_of(config).native else forward(batch, val_set)
+        if inference.native:
+            logits, masks = forward.native(batch, inference, config.model.image_size)
+        else:
+            logits, masks = forward(batch, val_set)
         loss_sum += pair_loss(logits, masks, batch["prompt_index"], val_set, config).item() * len(masks)
         pairs += len(masks)
         iou, dice = pair_scores(logits, masks)
