@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProc
 from drywall_qa.inference import pixel_values_for, predict_probs, select_device
 from drywall_qa.model import (
     ModelConfigError,
+    SkipUpsampler,
     build_image_processor,
     build_model,
     build_tokenizer,
@@ -285,6 +288,64 @@ def test_conv_stem_replaces_patchify_and_survives_save_and_load(tmp_path):
     # a saved folder is also a starting point for training: its stem comes with it
     resumed, _ = build_model("tiny", tmp_path, 64, False)
     assert type(resumed.clip.vision_model.embeddings.patch_embedding) is type(embedding)
+
+
+def test_the_projects_decoder_path_gives_hfs_decoder_numbers():
+    """`decode` runs `decoder_logits` (one path for training, inference and the ONNX export) instead of
+    `CLIPSegDecoder.forward`: on a plain model it must give the same bits."""
+    torch.manual_seed(0)
+    model, processor = build_model("tiny", None, 64, False, prompts=PROMPTS, conv_stem=[8, 8, 16, 16])
+    model.eval()
+    input_ids, attention_mask = tokenize_prompts(processor, PROMPTS[:2])
+    with torch.no_grad():
+        activations = pair_activations(encode_images(model, torch.randn(3, 3, 64, 64)), torch.arange(3).repeat(2))
+        conditional = encode_prompts(model, input_ids, attention_mask).repeat_interleave(3, 0)
+        ours = decode(model, activations, conditional, chunk_pairs=None)
+        hfs = model.decoder(list(activations), conditional).logits
+    assert torch.equal(ours, hfs)
+
+
+def test_skip_decoder_reads_the_stem_maps_and_survives_save_and_load(tmp_path):
+    torch.manual_seed(0)
+    model, processor = build_model(
+        "tiny", None, 64, False, prompts=PROMPTS, conv_stem=[8, 8, 16, 16], skip_decoder=[16, 8, 8]
+    )
+    model.eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    activations = encode_images(model, pixels)
+    # the 3 extracted token layers, then the stem's maps at strides 8, 4 and 2
+    assert [tuple(a.shape[1:]) for a in activations[3:]] == [(16, 8, 8), (8, 16, 16), (8, 32, 32)]
+    input_ids, attention_mask = tokenize_prompts(processor, PROMPTS[:2])
+    with torch.no_grad():
+        conditional = encode_prompts(model, input_ids, attention_mask).repeat(2, 1)
+        logits = decode(model, pair_activations(activations, torch.arange(2).repeat_interleave(2)), conditional)
+    assert logits.shape == (4, 64, 64)  # the input's resolution, from stride-2 features
+
+    # the maps reach the mask: changing the finest one changes the logits, and nothing else does
+    paired = pair_activations(activations, torch.arange(2).repeat_interleave(2))
+    with torch.no_grad():
+        nudged = decode(model, [*paired[:-1], paired[-1] + 1.0], conditional)
+    assert (nudged - logits).abs().max() > 1e-4
+
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["skip_decoder_widths"] == [16, 8, 8]
+    loaded, _ = load_model(tmp_path)
+    assert isinstance(loaded.decoder.transposed_convolution, SkipUpsampler)
+    with torch.no_grad():
+        again = decode(
+            loaded, pair_activations(encode_images(loaded, pixels), torch.arange(2).repeat_interleave(2)), conditional
+        )
+    torch.testing.assert_close(again, logits, rtol=0, atol=0)
+
+
+def test_skip_decoder_needs_a_stem_with_enough_maps():
+    with pytest.raises(ModelConfigError, match="set model.conv_stem"):
+        build_model("tiny", None, 64, False, prompts=PROMPTS, skip_decoder=[16])
+    with pytest.raises(ModelConfigError, match="has 3 feature maps finer than its patch grid"):
+        build_model("tiny", None, 64, False, prompts=PROMPTS, conv_stem=[8, 8, 16, 16], skip_decoder=[8, 8, 8, 8])
+    with pytest.raises(ModelConfigError, match="only a scratch model has"):
+        build_model("tiny", "CIDAS/clipseg-rd64-refined", 64, False, skip_decoder=[16])
 
 
 def test_conv_stem_must_downsample_by_the_patch_size():

@@ -84,6 +84,22 @@ def test_the_scratch_export_reproduces_pytorch_probabilities_and_masks(scratch_e
     np.testing.assert_array_equal(masks[PROMPTS[2]], binarize(expected[0][2], 0.55, boxes=True))
 
 
+def test_a_skip_decoder_model_exports_with_its_stem_maps(tmp_path):
+    """The skip decoder's stem maps are paired per prompt inside the graph, at every side."""
+    torch.manual_seed(0)
+    model, processor = build_model(
+        "tiny", None, 32, False, prompts=PROMPTS, conv_stem=[8, 8, 16, 16], skip_decoder=[16, 8, 8]
+    )
+    InferenceConfig(flips=("horizontal",), sizes=(32, 48)).attach(model)
+    export_onnx(model, processor, tmp_path / "model.onnx", PROMPTS)
+    onnx_model = load_onnx_model(tmp_path / "model.onnx", threads=1)
+    images = photos()
+    expected = predict_probs(model, processor, images, PROMPTS, device="cpu", batch_size=2)
+    got = onnx_predict_probs(onnx_model, images, PROMPTS, batch_size=2)
+    difference, differing = compare(expected, got, [onnx_model.rule(prompt) for prompt in PROMPTS])
+    assert difference < PROB_TOLERANCE and differing == 0
+
+
 def test_a_pretrained_format_folder_exports_and_predicts_the_same_masks_from_the_cli(tmp_path, capsys):
     folder = tmp_path / "pretrained"
     save_foreign_checkpoint(folder)  # HF's own CLIPSeg, 3 vision layers of which 2 are extracted

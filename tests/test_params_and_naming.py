@@ -49,6 +49,11 @@ def test_lr_written_by_dvc_exp_set_is_a_float(tmp_path):
             "  crop_foreground_prob: 7",
             "train.crop_foreground_prob must be less than or equal to 1, got 7",
         ),
+        (
+            "  skip_decoder: null",
+            "  skip_decoder: [32, 16, 8]",
+            "skip_decoder reads the conv stem's feature maps: it needs conv_stem and weights null",
+        ),
     ],
 )
 def test_bad_params_are_refused_at_load_naming_the_key(tmp_path, old, new, message):

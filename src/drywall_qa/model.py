@@ -9,13 +9,16 @@ inference call the model's own submodules through three helpers instead:
   (with gradients when the backbone trains), one pass per image;
 - `encode_prompts(model, input_ids, attention_mask)`: the projected text features (the FiLM
   conditioning), with gradients when the backbone trains;
-- `decode(model, activations, conditional)`: `model.decoder`, once per (image, prompt) pair; the
+- `decode(model, activations, conditional)`: the decoder, once per (image, prompt) pair; the
   activations of an image are indexed per pair with `pair_activations`, the decoder is cheap.
 
 A model built from scratch can swap the ViT's patchify convolution (one 16x16 stride-16 kernel) for a
 convolutional stem (`ConvStem`, after Xiao et al. 2021, "Early convolutions help transformers see
 better"): on ~1,500 real photos it learns about 3x faster per epoch. The stem's widths are saved in
-the checkpoint's config.json (`conv_stem_channels`) and `load_model` rebuilds it.
+the checkpoint's config.json (`conv_stem_channels`) and `load_model` rebuilds it. On a stem, a
+`SkipUpsampler` can replace the decoder's transposed convolutions (`skip_decoder_widths`): it adds the
+stem's stride-8/4/2 maps back while upsampling, which CLIPSeg's one-step 16x upsampler cannot see.
+`decode` runs the decoder through `decoder_logits`, HF's decoder steps with the stem maps passed on.
 
 A model built from scratch gets a genuine offline CLIP tokenizer (byte-level BPE) whose merges make
 each word of the configured prompts one token; it is saved with the checkpoint.
@@ -24,6 +27,7 @@ each word of the configured prompts one token; it is saved with the checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
@@ -209,6 +213,51 @@ class ConvStem(torch.nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.projection(self.layers(pixel_values))
 
+    def pyramid(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """Each stride-2 layer's output, finest first (strides 2, 4, ..., patch), and the patch
+        embedding last: the same numbers `forward` computes, with the intermediate maps kept."""
+        maps, x = [], pixel_values
+        for start in range(0, len(self.layers), 3):  # conv, BatchNorm, ReLU per halving
+            x = self.layers[start : start + 3](x)
+            maps.append(x)
+        return [*maps, self.projection(x)]
+
+
+class SkipUpsampler(torch.nn.Module):
+    """The decoder's upsampler with skip connections from the conv stem (U-Net style), in place of
+    CLIPSeg's transposed convolutions, which upsample the 1/16 token grid in one step and let no
+    high-resolution feature reach the mask (real cracks came out 2-3x too thick).
+
+    The token grid goes through a 3x3 convolution to `widths[0]` channels; then, per level, it is
+    upsampled x2 (bilinear), the stem's feature map at that stride is added through a 1x1 projection,
+    and a 3x3 convolution (ReLU) maps it to the next level's width. Level k works at stride
+    patch / 2^(k+1): `widths` [32, 16, 8] on a 4-layer stem reach stride 2, and the 1-channel logits are
+    resized bilinearly from there to the input size. `[pairs, reduce_dim, g, g]` tokens and the pairs'
+    stem maps (coarsest first) -> `[pairs, 1, S, S]` logits.
+    """
+
+    def __init__(self, reduce_dim: int, stem_channels: Sequence[int], widths: Sequence[int]):
+        super().__init__()
+        widths = [int(width) for width in widths]
+        skip_channels = list(stem_channels[:-1])[::-1][: len(widths)]
+        self.entry = torch.nn.Conv2d(reduce_dim, widths[0], kernel_size=3, padding=1)
+        self.skips = torch.nn.ModuleList(
+            torch.nn.Conv2d(channels, width, kernel_size=1)
+            for channels, width in zip(skip_channels, widths, strict=True)
+        )
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Conv2d(width, after, kernel_size=3, padding=1)
+            for width, after in zip(widths, [*widths[1:], widths[-1]], strict=True)
+        )
+        self.head = torch.nn.Conv2d(widths[-1], 1, kernel_size=1)
+
+    def forward(self, tokens: torch.Tensor, skips: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        x = torch.relu(self.entry(tokens))
+        for skip, project, block in zip(skips, self.skips, self.blocks, strict=True):
+            x = torch.nn.functional.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = torch.relu(block(x + project(skip)))
+        return torch.nn.functional.interpolate(self.head(x), size=size, mode="bilinear", align_corners=False)
+
 
 def check_conv_stem(channels: Sequence[int], patch_size: int) -> list[int]:
     channels = [int(width) for width in channels]
@@ -223,14 +272,44 @@ def check_conv_stem(channels: Sequence[int], patch_size: int) -> list[int]:
 
 
 def install_conv_stem(model: CLIPSegForImageSegmentation) -> None:
-    """Replace the patch embedding with the `ConvStem` that `config.conv_stem_channels` describes."""
+    """Replace the patch embedding with the `ConvStem` that `config.conv_stem_channels` describes, and
+    the decoder's upsampler with a `SkipUpsampler` where `config.skip_decoder_widths` asks for one."""
     channels = check_conv_stem(model.config.conv_stem_channels, model.config.vision_config.patch_size)
     embeddings = model.clip.vision_model.embeddings
     embeddings.patch_embedding = ConvStem(channels, embeddings.embed_dim)
+    widths = skip_widths(model.config)
+    if widths:
+        check_skip_decoder(widths, channels)
+        model.decoder.transposed_convolution = SkipUpsampler(model.config.reduce_dim, channels, widths)
+
+
+def skip_widths(config: CLIPSegConfig) -> list[int]:
+    """The skip decoder's widths per level (`config.skip_decoder_widths`), [] for CLIPSeg's own upsampler."""
+    return list(getattr(config, "skip_decoder_widths", None) or [])
+
+
+def check_skip_decoder(widths: Sequence[int], conv_stem: Sequence[int] | None) -> list[int]:
+    widths = [int(width) for width in widths]
+    if any(width < 1 for width in widths):
+        raise ModelConfigError(f"model.skip_decoder must list positive channel widths, got {widths!r}")
+    if not conv_stem:
+        raise ModelConfigError(
+            "model.skip_decoder reads the conv stem's stride-2/4/8 features: set model.conv_stem (scratch models only)"
+        )
+    if len(widths) >= len(conv_stem):
+        raise ModelConfigError(
+            f"model.skip_decoder has {len(widths)} levels; a {len(conv_stem)}-layer conv stem has "
+            f"{len(conv_stem) - 1} feature maps finer than its patch grid"
+        )
+    return widths
 
 
 def scratch_config(
-    preset: str, image_size: int, tokenizer: CLIPTokenizer, conv_stem: Sequence[int] | None = None
+    preset: str,
+    image_size: int,
+    tokenizer: CLIPTokenizer,
+    conv_stem: Sequence[int] | None = None,
+    skip_decoder: Sequence[int] | None = None,
 ) -> CLIPSegConfig:
     if preset not in PRESETS:
         raise ModelConfigError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -255,6 +334,8 @@ def scratch_config(
     )
     if conv_stem:
         spec["conv_stem_channels"] = check_conv_stem(conv_stem, patch)
+    if skip_decoder:
+        spec["skip_decoder_widths"] = check_skip_decoder(skip_decoder, conv_stem)
     return CLIPSegConfig(text_config=text, vision_config=vision, **spec)
 
 
@@ -268,6 +349,7 @@ def build_model(
     image_mean: Sequence[float] = IMAGE_MEAN,
     image_std: Sequence[float] = IMAGE_STD,
     conv_stem: Sequence[int] | None = None,
+    skip_decoder: Sequence[int] | None = None,
 ) -> tuple[CLIPSegForImageSegmentation, CLIPSegProcessor]:
     """A CLIPSeg model and its processor.
 
@@ -277,8 +359,13 @@ def build_model(
     `image_mean`/`image_std` (training passes its images' statistics). The processor resizes images
     to `image_size`. `freeze_backbone`: True trains only the decoder (CLIP encoders get
     `requires_grad=False`). `conv_stem`: channel widths of a `ConvStem` for a scratch model (a saved
-    folder keeps the stem it was trained with).
+    folder keeps the stem it was trained with); `skip_decoder`: the widths of a `SkipUpsampler` on it.
     """
+    if weights and skip_decoder:
+        raise ModelConfigError(
+            "model.skip_decoder needs a conv stem, which only a scratch model has; a pretrained patch "
+            "embedding computes no stride-2/4/8 features"
+        )
     if weights:
         model, processor = load_model(weights)
         processor.image_processor.size = {"height": image_size, "width": image_size}
@@ -287,7 +374,7 @@ def build_model(
             raise ModelConfigError(f"image_size {image_size} is not a multiple of the patch size {patch}")
     else:
         tokenizer = build_tokenizer(prompts)
-        model = CLIPSegForImageSegmentation(scratch_config(preset, image_size, tokenizer, conv_stem))
+        model = CLIPSegForImageSegmentation(scratch_config(preset, image_size, tokenizer, conv_stem, skip_decoder))
         if getattr(model.config, "conv_stem_channels", None):
             install_conv_stem(model)
         reset_decoder_projections(model)
@@ -384,14 +471,29 @@ def encode_images(model: CLIPSegForImageSegmentation, pixel_values: torch.Tensor
     vision = model.clip.vision_model
     extract_layers = list(model.config.extract_layers)
     trainable = any(p.requires_grad for p in vision.parameters())
+    levels = len(skip_widths(model.config))
     with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
-        hidden = vision.embeddings(pixel_values, interpolate_pos_encoding=True)
+        skips = []
+        if levels:
+            hidden, skips = stem_embeddings(vision.embeddings, pixel_values, levels)
+        else:
+            hidden = vision.embeddings(pixel_values, interpolate_pos_encoding=True)
         hidden = vision.pre_layrnorm(hidden)
         outputs = {}
         for index, layer in enumerate(vision.encoder.layers[: max(extract_layers) + 1]):
             hidden = layer(hidden, None)
             outputs[index] = hidden
-    return [outputs[index] for index in extract_layers]
+    return [outputs[index] for index in extract_layers] + skips
+
+
+def stem_embeddings(embeddings, pixel_values: torch.Tensor, levels: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """HF's `CLIPSegVisionEmbeddings.forward` (positions interpolated) on a `ConvStem`, with the stem's
+    `levels` finest-but-one maps kept for the skip decoder, coarsest first (strides 8, 4, 2)."""
+    *maps, patches = embeddings.patch_embedding.pyramid(pixel_values.to(embeddings.patch_embedding.weight.dtype))
+    batch, _, height, width = pixel_values.shape
+    tokens = torch.cat([embeddings.class_embedding.expand(batch, 1, -1), patches.flatten(2).transpose(1, 2)], dim=1)
+    tokens = tokens + embeddings.interpolate_pos_encoding(tokens, height, width)
+    return tokens, maps[:-1][::-1][:levels]
 
 
 def encode_prompts(
@@ -451,16 +553,50 @@ def decode(
         raise ValueError(f"{activations[0].shape[0]} activation rows but {pairs} conditional embeddings")
     if chunk_pairs == "auto":
         chunk_pairs = decoder_chunk_pairs(model, activations[0].shape[1], activations[0].device)
+    side = math.isqrt(activations[0].shape[1] - 1)  # the token grid's (square) side, class token aside
     if chunk_pairs is None or chunk_pairs >= pairs:
-        return model.decoder(list(activations), conditional).logits
+        return decoder_logits(model, activations, conditional, side)
     return torch.cat(
         [
-            model.decoder(
-                [layer[start : start + chunk_pairs] for layer in activations], conditional[start : start + chunk_pairs]
-            ).logits
+            decoder_logits(
+                model,
+                [layer[start : start + chunk_pairs] for layer in activations],
+                conditional[start : start + chunk_pairs],
+                side,
+            )
             for start in range(0, pairs, chunk_pairs)
         ]
     )
+
+
+def decoder_logits(
+    model: CLIPSegForImageSegmentation, activations: Sequence[torch.Tensor], conditional: torch.Tensor, side: int
+) -> torch.Tensor:
+    """`CLIPSegDecoder.forward` (transformers 5) with the token grid's `side` given, and the skip
+    decoder's stem maps (the activations after the extracted layers') passed to its upsampler.
+
+    HF computes the side as `int(math.sqrt(tokens))`, a Python int that the ONNX exporter would freeze
+    to its example's side; with it given, this is the one decoder path for training, inference and
+    the export (the same operations in the same order as HF's: the same numbers, tests/test_model.py).
+    """
+    decoder = model.decoder
+    layers = len(decoder.layers)
+    tokens, skips = activations[:layers], activations[layers:]
+    output = None
+    for index, (activation, layer, reduce) in enumerate(
+        zip(tokens[::-1], decoder.layers, decoder.reduces, strict=True)
+    ):
+        output = reduce(activation) if output is None else reduce(activation) + output
+        if index == decoder.conditional_layer:  # FiLM: the prompt scales and shifts every token
+            output = decoder.film_mul(conditional) * output.permute(1, 0, 2) + decoder.film_add(conditional)
+            output = output.permute(1, 0, 2)
+        output = layer(output, attention_mask=None)
+    output = output[:, 1:, :].transpose(1, 2)  # drop the class token: [pairs, reduce_dim, tokens]
+    output = output.reshape(conditional.shape[0], output.shape[1], side, side)
+    if skips:
+        pixels = side * model.config.vision_config.patch_size
+        return decoder.transposed_convolution(output, skips, (pixels, pixels)).squeeze(1)
+    return decoder.transposed_convolution(output).squeeze(1)
 
 
 def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

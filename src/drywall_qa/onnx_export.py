@@ -10,7 +10,7 @@ tokenised prompts, the preprocessing, the test-time views and each prompt's mask
 
 It uses `torch.onnx.export(..., dynamo=True)`, PyTorch's documented exporter (it needs `onnxscript`).
 Two spots of HF's code would freeze the example's shapes into the graph, so they are written here
-with shapes the exporter can keep symbolic (see `decoder_logits` and `SegmentationGraph.forward`), and
+with shapes the exporter can keep symbolic (see `model.decoder_logits` and `SegmentationGraph.forward`), and
 every export is checked against PyTorch at another batch and side before it is written.
 
 The unmasked attention of the vision encoder and the decoder is written as ONNX Runtime's fused
@@ -39,7 +39,7 @@ from drywall_qa.contracts.atomic import write_bytes_atomic
 from drywall_qa.contracts.thresholds import DEFAULT_THRESHOLD
 from drywall_qa.errors import DrywallQAError
 from drywall_qa.inference import InferenceConfig, model_input_size
-from drywall_qa.model import encode_images, encode_prompts, tokenize_prompts
+from drywall_qa.model import decoder_logits, encode_images, encode_prompts, tokenize_prompts
 from drywall_qa.onnx_runtime import METADATA_KEY, SPEC_FORMAT, load_onnx_model
 
 INPUT_NAMES = ["pixel_values", "input_ids", "attention_mask"]
@@ -131,23 +131,6 @@ def fused_attention_layers(model: CLIPSegForImageSegmentation) -> Iterator[None]
             config._attn_implementation = implementation
 
 
-def decoder_logits(decoder, activations: Sequence[torch.Tensor], conditional: torch.Tensor, side: int) -> torch.Tensor:
-    """`CLIPSegDecoder.forward` (transformers 5), with the token grid's side given: HF computes it as
-    `int(math.sqrt(tokens))`, a Python int the exporter would freeze to the example's side."""
-    output = None
-    for index, (activation, layer, reduce) in enumerate(
-        zip(activations[::-1], decoder.layers, decoder.reduces, strict=False)
-    ):
-        output = reduce(activation) if output is None else reduce(activation) + output
-        if index == decoder.conditional_layer:  # FiLM: the prompt scales and shifts every token
-            output = decoder.film_mul(conditional) * output.permute(1, 0, 2) + decoder.film_add(conditional)
-            output = output.permute(1, 0, 2)
-        output = layer(output, attention_mask=None)
-    output = output[:, 1:, :].transpose(1, 2)  # drop the class token: [pairs, reduce_dim, tokens]
-    output = output.reshape(conditional.shape[0], output.shape[1], side, side)
-    return decoder.transposed_convolution(output).squeeze(1)
-
-
 class SegmentationGraph(torch.nn.Module):
     """What the ONNX file computes: images and prompts in, logits of every (image, prompt) pair out."""
 
@@ -162,9 +145,11 @@ class SegmentationGraph(torch.nn.Module):
         images, prompts = pixel_values.shape[0], conditional.shape[0]
         # pairs image-major, as predict_probs orders them; expand + flatten rather than
         # repeat_interleave, whose exported form only works at the example's batch size
-        paired = [layer.unsqueeze(1).expand(-1, prompts, -1, -1).flatten(0, 1) for layer in activations]
+        paired = [
+            layer.unsqueeze(1).expand(-1, prompts, *layer.shape[1:]).flatten(0, 1) for layer in activations
+        ]  # token activations [B, T, D], and the skip decoder's stem maps [B, C, h, w]
         paired_conditional = conditional.unsqueeze(0).expand(images, -1, -1).flatten(0, 1)
-        logits = decoder_logits(self.model.decoder, paired, paired_conditional, pixel_values.shape[-1] // self.patch)
+        logits = decoder_logits(self.model, paired, paired_conditional, pixel_values.shape[-1] // self.patch)
         return logits.reshape(images, prompts, logits.shape[-2], logits.shape[-1])
 
 

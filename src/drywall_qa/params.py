@@ -84,6 +84,18 @@ class ModelParams(_Section):
     freeze_backbone: bool
     image_size: Positive
     conv_stem: list[Positive] | None = None  # scratch only: channel widths of the convolutional stem
+    skip_decoder: list[Positive] | None = None  # widths of the skip-connected upsampler on the stem's maps
+
+    @model_validator(mode="after")
+    def skip_decoder_has_a_stem(self) -> ModelParams:
+        if self.skip_decoder and (self.weights or not self.conv_stem):
+            raise ValueError("skip_decoder reads the conv stem's feature maps: it needs conv_stem and weights null")
+        if self.skip_decoder and len(self.skip_decoder) >= len(self.conv_stem):
+            raise ValueError(
+                f"skip_decoder has {len(self.skip_decoder)} levels; a {len(self.conv_stem)}-layer conv_stem "
+                f"has {len(self.conv_stem) - 1} maps finer than its patch grid"
+            )
+        return self
 
 
 class InferenceParams(_Section):

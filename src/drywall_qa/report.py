@@ -238,6 +238,12 @@ def approach_section(inputs: ReportInputs, params: dict) -> str:
                     if model.conv_stem
                     else "ViT's patchify convolution",
                 ),
+                (
+                    "mask upsampler",
+                    f"skip-connected (U-Net style) on the stem's stride-8/4/2 maps, {model.skip_decoder} channels"
+                    if model.skip_decoder
+                    else "CLIPSeg's transposed convolutions from the 1/16 token grid",
+                ),
                 ("input size", f"{model.image_size} x {model.image_size}"),
                 ("training images", describe_training_geometry(config)),
                 ("masks made by", describe_inference(config)),

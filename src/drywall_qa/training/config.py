@@ -43,10 +43,11 @@ class TrainConfig(BaseModel):
 
     @property
     def weights_init(self) -> str:
-        """Where the weights start: a Hub id or folder, or `scratch:<preset>[+conv_stem]`."""
+        """Where the weights start: a Hub id or folder, or `scratch:<preset>[+conv_stem][+skip_decoder]`."""
         if self.model.weights:
             return str(self.model.weights)
-        return f"scratch:{self.model.preset}" + ("+conv_stem" if self.model.conv_stem else "")
+        parts = [f"scratch:{self.model.preset}", "conv_stem" * bool(self.model.conv_stem)]
+        return "+".join(filter(None, [*parts, "skip_decoder" * bool(self.model.skip_decoder)]))
 
     @property
     def uses_cache(self) -> bool:

@@ -201,6 +201,7 @@ def initial_model(
             image_mean=mean,
             image_std=std,
             conv_stem=config.model.conv_stem,
+            skip_decoder=config.model.skip_decoder,
         )
     if last is None:
         model, processor = reloaded(model, processor)  # saves the same bytes as a model resumed from last/
