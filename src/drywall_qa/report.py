@@ -574,41 +574,6 @@ def _result_notes(inputs: ReportInputs) -> list[str]:
     return lines
 
 
-# Published elsewhere, for pretrained CLIPSeg on these two Roboflow projects; not measured here.
-REFERENCE_POINTS = (
-    ("pretrained CLIPSeg fine-tuned, Roboflow's own splits (leaky)", "0.45-0.55", "0.55-0.75"),
-    ("pretrained CLIPSeg, frozen backbone, leak-free group split", "~0.44", "~0.44"),
-    ("the original project's training report (val, both datasets)", "IoU 0.11 overall", ""),
-)
-
-
-def reference_section(inputs: ReportInputs) -> str | None:
-    """Literature constants to read our real-data numbers against; None for synthetic data."""
-    if inputs.source.get("source") not in ("local", "roboflow"):
-        return None
-    m = inputs.eval
-    ours = (
-        f"this run: {describe_weights(inputs.train.get('weights_init', ''))}, group split (test)",
-        _score(m.get("test.cracks.miou")),
-        _score(m.get("test.taping.miou")),
-    )
-    return "\n".join(
-        [
-            "## Reference points (published elsewhere, not measured here)",
-            "",
-            "Typical mIoU reported for CLIPSeg on these datasets. They are literature constants, copied",
-            "into every real-data report as they are, to read this run's numbers against; they were not",
-            "produced by this pipeline, on other splits and mostly with pretrained CLIP weights.",
-            "",
-            _table(["setting", "cracks mIoU", "taping mIoU"], [*REFERENCE_POINTS, ours]),
-            "",
-            "Roboflow's own valid/test folders share most source images with train (see *Data and splits*),",
-            "which inflates the first row, taping most. A model trained from scratch on ~1,500 photos",
-            "starts without any notion of images or words; expect it well below the pretrained rows.",
-        ]
-    )
-
-
 def examples_section(inputs: ReportInputs, params: dict) -> str:
     lines = [
         "## Visual examples",
@@ -742,7 +707,6 @@ def build_report(
         data_section(inputs),
         training_section(inputs, params),
         results_section(inputs, params),
-        reference_section(inputs),
         examples_section(inputs, params),
         failures_section(inputs, params),
         runtime_section(inputs, params),
