@@ -44,6 +44,7 @@ GIT_FILES = {  # path in the experiment commit -> file name in --out
     "metrics/split.json": "split.json",
     "metrics/train.json": "train.json",
     "metrics/eval.json": "eval.json",
+    "metrics/headline.json": "headline.json",  # the next real run's gate baseline (gate.baseline_file)
     "plots/eval_per_prompt.csv": "eval_per_prompt.csv",
     "plots/train_history.csv": "train_history.csv",
     "plots/threshold_sweep.csv": "threshold_sweep.csv",  # val mIoU per threshold, unsnapped (the ablation reads it)

@@ -35,7 +35,7 @@ def register(stage: Stage) -> str:
             stage.params["mlflow"]["registered_model"],
             gate["keys"],
             gate["tolerance"],
-            committed_metrics(gate["metrics_file"], repo=Path.cwd()),
+            committed_metrics(gate["baseline_file"] or gate["metrics_file"], repo=Path.cwd()),
             context,
             gated_metrics=gated,
             onnx=True,  # the ONNX export rides along with the same version (drywall-qa predict --runtime onnx)

@@ -172,6 +172,7 @@ class VisualizeParams(_Section):
 
 class GateParams(_Section):
     metrics_file: str
+    baseline_file: str | None = None  # the committed record the registry's gate compares with (None: metrics_file)
     keys: list[str]
     tolerance: Annotated[float, Field(ge=0)]
 
