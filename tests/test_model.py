@@ -313,7 +313,7 @@ def test_skip_decoder_reads_the_stem_maps_and_survives_save_and_load(tmp_path):
     model.eval()
     pixels = torch.randn(2, 3, 64, 64)
     activations = encode_images(model, pixels)
-    # the 3 extracted token layers, then the stem's maps at strides 8, 4 and 2
+    # the 3 extracted token layers, then the stem's maps at strides 8, 4 and 2, projected to the widths
     assert [tuple(a.shape[1:]) for a in activations[3:]] == [(16, 8, 8), (8, 16, 16), (8, 32, 32)]
     input_ids, attention_mask = tokenize_prompts(processor, PROMPTS[:2])
     with torch.no_grad():

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPSegForImageSegmentation
 
 from drywall_qa.data import SegmentationDataset, fingerprint_json
-from drywall_qa.model import backbone_is_frozen, encode_images
+from drywall_qa.model import backbone_is_frozen, encode_images, skip_widths
 
 CACHE_DTYPE = torch.float16
 
@@ -51,6 +51,10 @@ class ActivationCache:
     def __init__(self, model: CLIPSegForImageSegmentation, directory: str | Path | None = None):
         if not backbone_is_frozen(model):
             raise ValueError("the activation cache needs a frozen backbone: trainable encoders change every step")
+        if skip_widths(model.config):
+            raise ValueError(
+                "the activation cache cannot hold a skip decoder's stem projections: they train every step"
+            )
         self.weights_hash = vision_weights_hash(model)
         self.directory = Path(directory) if directory is not None else None
         self._memory: dict[str, list[torch.Tensor]] = {}

@@ -232,8 +232,12 @@ class SkipUpsampler(torch.nn.Module):
     upsampled x2 (bilinear), the stem's feature map at that stride is added through a 1x1 projection,
     and a 3x3 convolution (ReLU) maps it to the next level's width. Level k works at stride
     patch / 2^(k+1): `widths` [32, 16, 8] on a 4-layer stem reach stride 2, and the 1-channel logits are
-    resized bilinearly from there to the input size. `[pairs, reduce_dim, g, g]` tokens and the pairs'
-    stem maps (coarsest first) -> `[pairs, 1, S, S]` logits.
+    resized bilinearly from there to the input size.
+
+    `project` runs once per image (`encode_images` calls it): the projection does not depend on the
+    prompt, and projecting before the maps are repeated per (image, prompt) pair moves 3x fewer
+    full-resolution floats than projecting each pair's copy. `forward`: `[pairs, reduce_dim, g, g]`
+    tokens and the pairs' projected maps (coarsest first) -> `[pairs, 1, S, S]` logits.
     """
 
     def __init__(self, reduce_dim: int, stem_channels: Sequence[int], widths: Sequence[int]):
@@ -251,11 +255,14 @@ class SkipUpsampler(torch.nn.Module):
         )
         self.head = torch.nn.Conv2d(widths[-1], 1, kernel_size=1)
 
+    def project(self, maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [project(stem_map) for stem_map, project in zip(maps, self.skips, strict=True)]
+
     def forward(self, tokens: torch.Tensor, skips: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         x = torch.relu(self.entry(tokens))
-        for skip, project, block in zip(skips, self.skips, self.blocks, strict=True):
+        for skip, block in zip(skips, self.blocks, strict=True):
             x = torch.nn.functional.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-            x = torch.relu(block(x + project(skip)))
+            x = torch.relu(block(x + skip))
         return torch.nn.functional.interpolate(self.head(x), size=size, mode="bilinear", align_corners=False)
 
 
@@ -462,7 +469,8 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
 
 
 def encode_images(model: CLIPSegForImageSegmentation, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-    """Vision hidden states after each layer in `config.extract_layers`, in that order ([B, T, D] each).
+    """Vision hidden states after each layer in `config.extract_layers`, in that order ([B, T, D] each),
+    then, for a skip decoder, its projections of the conv stem's maps (`SkipUpsampler.project`).
 
     Runs the vision encoder's own modules, stopping after the last extracted layer (the rest only
     feeds CLIP's pooled image embedding, which segmentation does not use). Gradients flow when the
@@ -473,9 +481,9 @@ def encode_images(model: CLIPSegForImageSegmentation, pixel_values: torch.Tensor
     trainable = any(p.requires_grad for p in vision.parameters())
     levels = len(skip_widths(model.config))
     with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
-        skips = []
+        stem_maps = []
         if levels:
-            hidden, skips = stem_embeddings(vision.embeddings, pixel_values, levels)
+            hidden, stem_maps = stem_embeddings(vision.embeddings, pixel_values, levels)
         else:
             hidden = vision.embeddings(pixel_values, interpolate_pos_encoding=True)
         hidden = vision.pre_layrnorm(hidden)
@@ -483,6 +491,7 @@ def encode_images(model: CLIPSegForImageSegmentation, pixel_values: torch.Tensor
         for index, layer in enumerate(vision.encoder.layers[: max(extract_layers) + 1]):
             hidden = layer(hidden, None)
             outputs[index] = hidden
+    skips = model.decoder.transposed_convolution.project(stem_maps) if levels else []  # the decoder's: it trains
     return [outputs[index] for index in extract_layers] + skips
 
 
