@@ -190,6 +190,8 @@ def test_report_numbers_come_from_the_metrics(inputs_on_disk):
     assert f"{metrics['zero_shot.test.segment_crack.miou']:.4f}" in report
     assert "920,674" in report and "3.5 MiB" in report
     assert "](../plots/figures/examples__segment_joint-tape.png)" in report
+    # train.json: 321.5 s over 12 epochs
+    assert "| training time | 322 s (26.8 s per epoch, validation included) |" in report
 
 
 def test_a_dataset_row_shows_its_interval_when_eval_json_has_it(inputs_on_disk):

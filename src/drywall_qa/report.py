@@ -447,7 +447,7 @@ def training_section(inputs: ReportInputs, params: dict) -> str:
         ("best epoch (highest val mIoU)", t.get("best_epoch", "–")),
         ("best val mIoU / Dice", f"{_score(t.get('best_val_miou'))} / {_score(t.get('best_val_dice'))}"),
         ("training images / val images", f"{t.get('train_images', '–')} / {t.get('val_images', '–')}"),
-        ("training time", f"{t['seconds']:.0f} s" if isinstance(t.get("seconds"), int | float) else "–"),
+        ("training time", describe_training_time(t)),
         ("device", f"`{t.get('device', '–')}`"),
     ]
     return "\n".join(
@@ -627,6 +627,17 @@ def _passes(inference: InferenceParams) -> str:
     must not import before `cpu_numerics` is configured."""
     views = (1 + len(inference.flips)) * max(1, len(inference.sizes))
     return "one vision pass" if views == 1 else f"{views} test-time views, one vision pass each"
+
+
+def describe_training_time(train_summary: dict) -> str:
+    """Total seconds and seconds per epoch (each epoch's validation included)."""
+    seconds, epochs = train_summary.get("seconds"), train_summary.get("epochs_run")
+    if not isinstance(seconds, int | float):
+        return "–"
+    per_epoch = (
+        f" ({seconds / epochs:.1f} s per epoch, validation included)" if isinstance(epochs, int) and epochs else ""
+    )
+    return f"{seconds:.0f} s{per_epoch}"
 
 
 def runtime_section(inputs: ReportInputs, params: dict) -> str:
