@@ -138,3 +138,22 @@ def test_the_training_profile_measures_the_real_recipe_and_tables_its_parts():
     row |= {"seconds_per_step": 0.5, "cpu_percent": 190.0, "validation_seconds": 6.0, "seconds_per_epoch": 99.0}
     printed = profile_train.table({"before": row, "after": {**row, "seconds_per_epoch": 49.5}})
     assert "| backward | 16.7% | 16.7% |" in printed and "| epoch time / before | 1.0 | 0.5 |" in printed
+
+
+def test_the_onnx_benchmark_measures_the_real_recipes_model():
+    """bench/bench_onnx.py claims run_real.sh's architecture and views: a recipe change must reach it."""
+    from test_experiment_workflow import real_recipe_settings
+
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    try:
+        import bench_onnx
+    finally:
+        sys.path.remove(str(REPO_ROOT / "bench"))
+    recipe = real_recipe_settings()
+    compact = {key: value.replace(" ", "") for key, value in recipe.items()}
+    assert compact["model.preset"] == bench_onnx.RECIPE["preset"]
+    assert compact["model.image_size"] == str(bench_onnx.RECIPE["image_size"])
+    for setting, key in (("model.conv_stem", "conv_stem"), ("model.skip_decoder", "skip_decoder")):
+        assert compact[setting] == str(bench_onnx.RECIPE[key]).replace(" ", "")
+    assert compact["inference.sizes"] == str(bench_onnx.RECIPE["sizes"]).replace(" ", "")
+    assert compact["inference.flips"] == "[" + ",".join(bench_onnx.RECIPE["flips"]) + "]"
