@@ -5,8 +5,8 @@ exported model in a virtualenv with only onnxruntime, numpy and Pillow.
     python bench/bench_onnx.py --images 8 --rounds 3 --no-clean-env     # a quicker look, no venv
 
 The model is `scripts/run_real.sh`'s architecture and inference path: the `tiny` preset with the conv
-stem [24, 48, 96, 96] and the skip decoder [32, 16] at 224 px, inference mode `resize` with left-right
-and top-bottom mirrors at 256 px (3 vision passes per photo), all 5 prompts. Its weights are seeded random ones (no trained
+stem [24, 48, 96, 96] at 224 px (CLIPSeg's upsampler: `skip_decoder` None), inference mode `resize` with
+left-right and top-bottom mirrors at 256 px (3 vision passes per photo), all 5 prompts. Its weights are seeded random ones (no trained
 checkpoint of the recipe is in the repo; speed does not depend on the values). The photos are real
 ones from `../shared/realdata` (synthetic 640 px photos when that is absent).
 
@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO / "src"))
 RESULTS = REPO / "bench" / "onnx_results.json"
 PROMPTS = ["segment crack", "segment wall crack", "segment taping area", "segment joint/tape", "segment drywall seam"]
 RECIPE = {"preset": "tiny", "conv_stem": [24, 48, 96, 96], "image_size": 224, "flips": ["horizontal", "vertical"]}
-RECIPE |= {"sizes": [256], "skip_decoder": [32, 16]}
+RECIPE |= {"sizes": [256], "skip_decoder": None}
 THREADS = 2
 RUNTIMES = ("torch", "onnx", "onnx_int8")
 REPLY = "bench-phase: "  # marks a worker's replies on its stdout

@@ -18,14 +18,14 @@ name="${REAL_EXP_NAME:-real}"
 out="${REAL_OUT_DIR:-metrics/real}"
 
 # The recipe: the `tiny` preset trained from scratch on ~1,500 photos for 30 epochs on 2 CPU cores, with
-# a convolutional stem, a skip-connected decoder on the stem's stride-8/4 maps, photos resized to 224 px,
-# a per-step weight average, zoom and colour jitter, and mirrored views at 256 px for inference; per
-# prompt, evaluation chooses on val its threshold and whether components snap to boxes.
+# a convolutional stem, photos resized to 224 px, a per-step weight average, zoom and colour jitter, and
+# mirrored views at 256 px for inference; per prompt, evaluation chooses on val its threshold and whether
+# components snap to boxes.
 # Why each setting: the generated ablation records, val only (scripts/ablate_real.py writes them from
 # the runs' own outputs; test is read once, by this run):
 #   metrics/real/ablation.md              8-epoch variants, the full-length runs, test-time views, stopped runs
 #   metrics/real_sample_prompts/ablation.md   one sampled prompt pair per photo (not kept)
-#   metrics/real_skip_decoder/ablation.md     the skip decoder against CLIPSeg's upsampler (paired intervals)
+#   metrics/real_skip_decoder/ablation.md     the skip decoder at 8 epochs (its 30-epoch run: metrics/real/ablation.md)
 # The one setting without a row there: lr 5e-4 with BCE + Dice 1:1 (a probe at lr 1e-3 with Dice x2 stalled).
 # Two torch threads (TRAIN_THREADS), for training and (OMP_NUM_THREADS) evaluation: alone on a 2-core
 # machine they run 1.4x faster than one; on a busy machine set TRAIN_THREADS=1 (two threads then
@@ -36,7 +36,6 @@ recipe=(
   -S data.source=local
   -S model.preset=tiny
   -S 'model.conv_stem=[24,48,96,96]'
-  -S 'model.skip_decoder=[32,16]'
   -S model.image_size=224
   -S inference.mode=resize
   -S 'inference.flips=[horizontal,vertical]'
