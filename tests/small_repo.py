@@ -37,8 +37,10 @@ PINNED = (
     ("model", "preset"),
     ("model", "freeze_backbone"),
     ("model", "conv_stem"),
+    ("model", "skip_decoder"),
     ("inference",),
     ("train",),
+    ("gate", "baseline_file"),
 )
 
 
