@@ -226,7 +226,7 @@ class ConvStem(torch.nn.Module):
 class SkipUpsampler(torch.nn.Module):
     """The decoder's upsampler with skip connections from the conv stem (U-Net style), in place of
     CLIPSeg's transposed convolutions, which upsample the 1/16 token grid in one step and let no
-    high-resolution feature reach the mask (real cracks came out 2-3x too thick).
+    high-resolution feature reach the mask.
 
     The token grid goes through a 3x3 convolution to `widths[0]` channels; then, per level, it is
     upsampled x2 (bilinear), the stem's feature map at that stride is added through a 1x1 projection,

@@ -240,7 +240,8 @@ def approach_section(inputs: ReportInputs, params: dict) -> str:
                 ),
                 (
                     "mask upsampler",
-                    f"skip-connected (U-Net style) on the stem's stride-8/4/2 maps, {model.skip_decoder} channels"
+                    f"skip-connected (U-Net style) on the conv stem's {len(model.skip_decoder)} finest maps but one, "
+                    f"widths {model.skip_decoder}"
                     if model.skip_decoder
                     else "CLIPSeg's transposed convolutions from the 1/16 token grid",
                 ),

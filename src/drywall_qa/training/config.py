@@ -46,8 +46,12 @@ class TrainConfig(BaseModel):
         """Where the weights start: a Hub id or folder, or `scratch:<preset>[+conv_stem][+skip_decoder]`."""
         if self.model.weights:
             return str(self.model.weights)
-        parts = [f"scratch:{self.model.preset}", "conv_stem" * bool(self.model.conv_stem)]
-        return "+".join(filter(None, [*parts, "skip_decoder" * bool(self.model.skip_decoder)]))
+        parts = [f"scratch:{self.model.preset}"]
+        if self.model.conv_stem:
+            parts.append("conv_stem")
+        if self.model.skip_decoder:
+            parts.append("skip_decoder")
+        return "+".join(parts)
 
     @property
     def uses_cache(self) -> bool:
