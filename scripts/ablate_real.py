@@ -15,6 +15,8 @@
 - `views`: score a trained checkpoint on val with other test-time views (`inference.flips/sizes`).
 - `compare`: score two checkpoints on the same val images; per dataset, each one's mIoU and their
   difference with its 95% paired bootstrap interval over source photos.
+- `snaps`: score one checkpoint on val as evaluation chooses its rules under candidate sets of mask
+  snaps (`--candidate boxes=boxes --candidate arms=boxes,arms`), each paired with the first (or `--baseline`).
 - `full-run` / `stopped-run`: add a finished real run's record (its eval.json, train.json and history)
   or a run stopped early, compared per epoch with the reference run.
 
@@ -106,16 +108,60 @@ def score_val(
 ) -> ValScoring:
     """Val pairs of the checkpoint in `model_dir` (its inference setting changed by `adjust`), each
     prompt at the rule evaluation chooses on val with `params` (`evaluate.thresholds`, `.box_snapping`)."""
+    sweep = val_sweep(model_dir, manifest_path, root, params, adjust)
+    return sweep.scoring(tuple(params["evaluate"]["box_snapping"]))
+
+
+@dataclasses.dataclass
+class ValSweep:
+    """A checkpoint's val pixel counts at every threshold and snap (`evaluate.sweep_thresholds`)."""
+
+    counts: dict[tuple[str, str | None], list[list[Any]]]
+    thresholds: tuple[float, ...]
+    val: list[Any]  # the val ImageRecords, in the sweep's order
+    groups: dict[tuple[str, str], str]
+    seconds: float
+
+    def scoring(self, snaps: Sequence[str]) -> ValScoring:
+        """The val pairs at the rules evaluation chooses when val may snap only the ways of `snaps`."""
+        from drywall_qa.evaluate import choose_thresholds, val_pairs_at
+
+        missing = [snap for snap in snaps if not any(key[1] == snap for key in self.counts)]
+        if missing:
+            raise SystemExit(f"the sweep has no counts snapped as {missing}")
+        allowed = {key: counts for key, counts in self.counts.items() if key[1] is None or key[1] in snaps}
+        chosen, boxed, _ = choose_thresholds(allowed, self.thresholds)
+        pairs = [
+            {
+                "image_id": pair["image_id"],
+                "dataset": pair["dataset"],
+                "prompt": pair["prompt"],
+                "group": self.groups[(pair["dataset"], pair["image_id"])],
+                "iou": pair["iou"],
+            }
+            for pair in val_pairs_at(allowed, chosen, boxed, self.thresholds, self.val)
+        ]
+        rules = {
+            prompt: f"{threshold:g}" + (f" + {boxed[prompt]}" if prompt in boxed else "")
+            for prompt, threshold in chosen.items()
+        }
+        return ValScoring(pairs, rules, self.seconds)
+
+
+def val_sweep(
+    model_dir: Path,
+    manifest_path: Path,
+    root: Path,
+    params: dict[str, Any],
+    adjust: Adjust | None = None,
+    snaps: Sequence[str] | None = None,
+) -> ValSweep:
+    """The checkpoint's val sweep (its inference setting changed by `adjust`) at `evaluate.thresholds`,
+    snapped each way of `snaps` (default `evaluate.box_snapping`)."""
     import functools
 
     from drywall_qa.contracts.manifest import image_records, read_manifest
-    from drywall_qa.evaluate import (
-        EvaluateSettings,
-        choose_thresholds,
-        manifest_groups,
-        sweep_thresholds,
-        val_pairs_at,
-    )
+    from drywall_qa.evaluate import EvaluateSettings, manifest_groups, sweep_thresholds
     from drywall_qa.inference import InferenceConfig, predict_probs, select_device
     from drywall_qa.model import load_model
 
@@ -128,20 +174,9 @@ def score_val(
     rows = read_manifest(manifest_path)
     val, groups = image_records(rows, "val", root), manifest_groups(rows)
     started = time.perf_counter()
-    sweep = sweep_thresholds(predict_fn, val, settings.thresholds, settings.batch_size, settings.box_snapping)
-    chosen, boxed, _ = choose_thresholds(sweep, settings.thresholds)
-    pairs = [
-        {
-            "image_id": pair["image_id"],
-            "dataset": pair["dataset"],
-            "prompt": pair["prompt"],
-            "group": groups[(pair["dataset"], pair["image_id"])],
-            "iou": pair["iou"],
-        }
-        for pair in val_pairs_at(sweep, chosen, boxed, settings.thresholds, val)
-    ]
-    rules = {prompt: f"{threshold:g}" + (" + boxes" if prompt in boxed else "") for prompt, threshold in chosen.items()}
-    return ValScoring(pairs, rules, time.perf_counter() - started)
+    snaps = settings.snaps if snaps is None else tuple(snaps)
+    counts = sweep_thresholds(predict_fn, val, settings.thresholds, settings.batch_size, snaps)
+    return ValSweep(counts, settings.thresholds, val, groups, time.perf_counter() - started)
 
 
 # ---------------------------------------------------------------- paired comparison
@@ -427,6 +462,45 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_snaps(args: argparse.Namespace) -> int:
+    """One checkpoint's val probabilities, scored as evaluation chooses its rules under each candidate
+    set of snaps; every set is compared with the baseline set on the same val pairs."""
+    params = load_params(args.params)
+    candidates = [parse_snaps(text) for text in args.candidates]
+    every = tuple(dict.fromkeys(snap for _, snaps in candidates for snap in snaps))
+    sweep = val_sweep(args.checkpoint, args.manifest, args.root, params, snaps=every)
+    scorings = {name: sweep.scoring(snaps) for name, snaps in candidates}
+    baseline = args.baseline or candidates[0][0]
+    if baseline not in scorings:
+        raise SystemExit(f"--baseline {baseline!r} is not one of the candidates {list(scorings)}")
+    rows = []
+    for name, snaps in candidates:
+        row = {"checkpoint": args.name, "folder": str(args.checkpoint), "name": name, "snaps": list(snaps)}
+        row |= scorings[name].record() | {"val_seconds": round(sweep.seconds, 1)}
+        if name != baseline:
+            differences = paired_differences(scorings[name].pairs, scorings[baseline].pairs, args.resamples, args.seed)
+            row["vs_baseline"] = {"baseline": baseline, "seed": args.seed} | differences
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    document = load_document(args.out)
+    kept = [row for row in document.get("snaps", []) if row["checkpoint"] != args.name]
+    document["snaps"] = kept + rows
+    save_document(args.out, document)
+    return 0
+
+
+def parse_snaps(text: str) -> tuple[str, tuple[str, ...]]:
+    """`NAME=SNAP,SNAP` (or `NAME=` for none) -> (name, snaps), each one of `contracts.mask_rule.SNAPS`."""
+    from drywall_qa.contracts.mask_rule import SNAPS
+
+    name, _, listed = text.partition("=")
+    snaps = tuple(snap for snap in listed.split(",") if snap)
+    unknown = [snap for snap in snaps if snap not in SNAPS]
+    if unknown or not name:
+        raise SystemExit(f"a candidate is NAME=SNAP,... with snaps among {list(SNAPS)}; got {text!r}")
+    return name, snaps
+
+
 def cmd_full_run(args: argparse.Namespace) -> int:
     document = load_document(args.out)
     runs = {run["name"]: run for run in document.get("full_runs", [])}
@@ -546,6 +620,36 @@ def comparisons_markdown(comparisons: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def snaps_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Mask rules on trained checkpoints, on val",
+        "",
+        "One checkpoint's val probabilities scored as evaluation chooses each prompt's rule (threshold, "
+        "and whether and how its mask snaps to boxes) when val may choose only the listed snaps: `boxes`, each "
+        "component's bounding box; `arms`, a box per straight horizontal or vertical arm at least 0.2 of the "
+        "photo's shorter side long, other foreground dropped (`contracts/mask_rule.py`). Differences are paired "
+        "on the same val pairs, with a 95% bootstrap interval over source photos. The rule sets cost nothing "
+        "in training; `val s` is the scoring's time with every snap swept.",
+        "",
+        "| checkpoint | snaps val may choose | val mIoU cracks | rule | val mIoU taping | rule | vs | "
+        "cracks difference | taping difference | val s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        versus = row.get("vs_baseline", {})
+        lines.append(
+            f"| {row['checkpoint']} | {row['name']} (`{', '.join(row['snaps']) or 'none'}`) "
+            f"| {_miou(row, 'cracks')} | {row.get('val.cracks.rule', '')} "
+            f"| {_miou(row, 'taping')} | {row.get('val.taping.rule', '')} | {versus.get('baseline', '')} "
+            f"| {_difference(versus['cracks']) if 'cracks' in versus else ''} "
+            f"| {_difference(versus['taping']) if 'taping' in versus else ''} | {row['val_seconds']} |"
+        )
+    return lines
+
+
 def full_runs_markdown(runs: list[dict[str, Any]]) -> list[str]:
     if not runs:
         return []
@@ -658,6 +762,7 @@ def markdown(document: dict[str, Any]) -> str:
     lines += stopped_runs_markdown(document.get("stopped_runs", []))
     lines += views_markdown(document.get("views", []))
     lines += comparisons_markdown(document.get("comparisons", []))
+    lines += snaps_markdown(document.get("snaps", []))
     return "\n".join(lines) + "\n"
 
 
@@ -716,6 +821,16 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--names", nargs=2, metavar=("NAME_A", "NAME_B"), help="their names (default: the folders)")
     compare.add_argument("--out", type=Path, help="also record the comparison in OUT/ablation.json")
     compare.set_defaults(run=cmd_compare)
+    snaps = commands.add_parser(
+        "snaps",
+        parents=[p["data"], p["params"], p["out"], p["checkpoint"], p["bootstrap"]],
+        help="a checkpoint's val under candidate sets of mask snaps",
+    )
+    snaps.add_argument(
+        "--candidate", dest="candidates", action="append", required=True, metavar="NAME=SNAP,...", help="a snap set"
+    )
+    snaps.add_argument("--baseline", metavar="NAME", help="the candidate others are compared with (default: the first)")
+    snaps.set_defaults(run=cmd_snaps)
     full = commands.add_parser("full-run", parents=[p["params"], p["out"]], help="add finished real runs")
     full.add_argument("runs", nargs="+", metavar="NAME=DIR", help="DIR holds eval.json, train.json, train_history.csv")
     full.set_defaults(run=cmd_full_run)

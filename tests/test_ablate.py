@@ -135,7 +135,7 @@ SCORING_PARAMS = {
         "batch_size": 2,
         "zero_shot": False,
         "timing_images": 1,
-        "box_snapping": True,
+        "box_snapping": ["boxes", "arms"],
     },
 }
 
@@ -215,10 +215,10 @@ def test_scoring_reuses_evaluation_rule_choice_and_its_tie_breaks(tmp_path, monk
         ["segment crack", "segment taping area"],
         SCORING_PARAMS["evaluate"]["thresholds"],
         None,
-        box_snapping=True,
+        snaps=("boxes", "arms"),
     )
     assert chosen.thresholds == {"segment crack": 0.5, "segment taping area": 0.5}
-    assert chosen.boxed == {"segment taping area"}
+    assert chosen.boxed == {"segment taping area": "boxes"}
     assert {(p["image_id"], p["group"], p["iou"]) for p in scoring.pairs} == {
         ("c1", "source-c1", 1.0),
         ("t1", "source-t1", 1.0),

@@ -220,9 +220,19 @@ def test_outputs_are_flat_json_and_tables(dataset, tmp_path):
 
 def test_flat_val_curve_picks_the_threshold_closest_to_0_5():
     nothing_found = [[Counts(0, 0, 5, 10)] * 3]  # one pair, same counts at every threshold
-    chosen, boxed, _ = choose_thresholds({("p", False): nothing_found, ("p", True): nothing_found}, [0.3, 0.5, 0.7])
+    sweep = {("p", None): nothing_found, ("p", "boxes"): nothing_found, ("p", "arms"): nothing_found}
+    chosen, boxed, _ = choose_thresholds(sweep, [0.3, 0.5, 0.7])
     assert chosen == {"p": 0.5}
-    assert boxed == frozenset()  # a tie keeps the masks as predicted
+    assert boxed == {}  # a tie keeps the masks as predicted
+
+
+def test_a_snap_wins_only_by_a_higher_val_miou_and_boxes_win_ties_with_arms():
+    half = [[Counts(5, 5, 0, 90)] * 2]  # IoU 0.5 at both thresholds
+    whole = [[Counts(10, 0, 0, 90)] * 2]  # IoU 1
+    chosen, boxed, _ = choose_thresholds({("p", None): half, ("p", "boxes"): half, ("p", "arms"): whole}, [0.3, 0.5])
+    assert (chosen, boxed) == ({"p": 0.5}, {"p": "arms"})
+    _, boxed, _ = choose_thresholds({("p", None): half, ("p", "boxes"): whole, ("p", "arms"): whole}, [0.3, 0.5])
+    assert boxed == {"p": "boxes"}
 
 
 def checkerboard_in(mask):
@@ -238,14 +248,15 @@ def test_val_decides_per_prompt_whether_components_snap_to_boxes(dataset):
             model.probs[(colour, prompt)] = np.where(checkerboard_in(gts[image_id]), 0.9, 0.05).astype(np.float32)
 
     plain = evaluate_predictions(model, *manifest, ALL_PROMPTS, THRESHOLDS, None)
-    assert plain.boxed == frozenset()
+    assert plain.boxed == {}
     assert plain.metrics["boxes.segment_taping_area"] == 0
     assert plain.metrics["test.taping.miou"] == pytest.approx(0.5)
 
-    snapped = evaluate_predictions(model, *manifest, ALL_PROMPTS, THRESHOLDS, root / "pred", box_snapping=True)
+    snapped = evaluate_predictions(model, *manifest, ALL_PROMPTS, THRESHOLDS, root / "pred", snaps=("boxes", "arms"))
     # taping gains on val (IoU 0.5 -> 1); the crack prompt's band is already a box: a tie stays unsnapped
-    assert snapped.boxed == {"segment taping area", "segment joint/tape"}
+    assert snapped.boxed == {"segment taping area": "boxes", "segment joint/tape": "boxes"}
     assert snapped.metrics["boxes.segment_taping_area"] == 1
+    assert snapped.metrics["arms.segment_taping_area"] == 0  # arms tie with boxes here: boxes win
     assert snapped.metrics["boxes.segment_crack"] == 0
     assert snapped.metrics["val.segment_taping_area.miou"] == pytest.approx(1.0)
     assert snapped.metrics["test.taping.miou"] == pytest.approx(1.0)

@@ -46,9 +46,9 @@ def compare(torch_probs, onnx_probs, rules) -> tuple[float, int]:
     for expected, got in zip(torch_probs, onnx_probs, strict=True):
         assert got.shape == expected.shape and got.dtype == np.float32
         difference = max(difference, float(np.abs(got - expected).max()))
-        for index, (threshold, boxes) in enumerate(rules):
+        for index, (threshold, snap) in enumerate(rules):
             differing += int(
-                (binarize(expected[index], threshold, boxes) != binarize(got[index], threshold, boxes)).sum()
+                (binarize(expected[index], threshold, snap) != binarize(got[index], threshold, snap)).sum()
             )
     print(f"max |p_onnx - p_torch| = {difference:.3g}, differing mask pixels = {differing}")
     return difference, differing
@@ -57,13 +57,13 @@ def compare(torch_probs, onnx_probs, rules) -> tuple[float, int]:
 @pytest.fixture(scope="module")
 def scratch_export(tmp_path_factory):
     """The real recipe's shape in small: tiny preset, conv stem, mirrors and two sides; val rules
-    with one snapped prompt."""
+    with a prompt snapped per component and one per straight arm."""
     torch.manual_seed(0)
     model, processor = build_model("tiny", None, 32, False, prompts=PROMPTS, conv_stem=[8, 8, 16, 16])
     InferenceConfig(flips=("horizontal", "vertical"), sizes=(32, 48)).attach(model)
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
     thresholds = {PROMPTS[0]: 0.45, PROMPTS[2]: 0.55}
-    spec = export_onnx(model, processor, path, PROMPTS, thresholds, {PROMPTS[2]})
+    spec = export_onnx(model, processor, path, PROMPTS, thresholds, {PROMPTS[0]: "boxes", PROMPTS[2]: "arms"})
     return model, processor, path, spec
 
 
@@ -76,12 +76,12 @@ def test_the_scratch_export_reproduces_pytorch_probabilities_and_masks(scratch_e
     got = onnx_predict_probs(onnx_model, images, prompts, batch_size=3)  # batches of 3 and 1 image
     difference, differing = compare(expected, got, [onnx_model.rule(prompt) for prompt in prompts])
     assert difference < PROB_TOLERANCE and differing == 0
-    # the rules travel in the file: the chosen thresholds, 0.5 elsewhere, the snapped prompt
-    assert onnx_model.rule(PROMPTS[0]) == (0.45, False) and onnx_model.rule(PROMPTS[2]) == (0.55, True)
-    assert onnx_model.rule(PROMPTS[1]) == (0.5, False)
+    # the rules travel in the file: the chosen thresholds, 0.5 elsewhere, the snapped prompts and how
+    assert onnx_model.rule(PROMPTS[0]) == (0.45, "boxes") and onnx_model.rule(PROMPTS[2]) == (0.55, "arms")
+    assert onnx_model.rule(PROMPTS[1]) == (0.5, None)
     assert spec["flips"] == ["horizontal", "vertical"] and spec["sizes"] == [32, 48] and spec["input_size"] == 32
     masks = onnx_masks(onnx_model, images[0], [PROMPTS[2]])
-    np.testing.assert_array_equal(masks[PROMPTS[2]], binarize(expected[0][2], 0.55, boxes=True))
+    np.testing.assert_array_equal(masks[PROMPTS[2]], binarize(expected[0][2], 0.55, "arms"))
 
 
 def test_a_skip_decoder_model_exports_with_its_stem_maps(tmp_path):
@@ -126,7 +126,7 @@ def test_a_pretrained_format_folder_exports_and_predicts_the_same_masks_from_the
     images_in = [Image.open(path).convert("RGB") for path in sorted(images.iterdir())]
     expected = predict_probs(model, processor, images_in, PROMPTS[:3], device="cpu")
     got = onnx_predict_probs(load_onnx_model(model_file), images_in, PROMPTS[:3])
-    difference, differing = compare(expected, got, [(0.52, False)] * 3)
+    difference, differing = compare(expected, got, [(0.52, None)] * 3)
     assert difference < PROB_TOLERANCE and differing == 0
 
 
@@ -207,7 +207,7 @@ def test_the_registered_version_carries_the_onnx_export_for_the_pyfunc_and_predi
     (probs,) = predict_probs(model, processor, [Image.open(image).convert("RGB")], PROMPTS[:2], device="cpu")
     chosen = [round(float(np.quantile(prob, q)), 4) for prob, q in zip(probs, (0.3, 0.8), strict=True)]
     metrics = {"test.miou": 0.4, "threshold.segment_crack": chosen[0], "threshold.segment_wall_crack": chosen[1]}
-    metrics["boxes.segment_wall_crack"] = 1
+    metrics["boxes.segment_wall_crack"] = metrics["arms.segment_wall_crack"] = 1
     try:
         with mlflow.start_run(experiment_id=experiment):
             register_checkpoint(folder, metrics, PROMPTS[:2], "drywall-onnx", ["test.*miou"], 0.02, {}, {}, onnx=True)
@@ -219,7 +219,8 @@ def test_the_registered_version_carries_the_onnx_export_for_the_pyfunc_and_predi
         onnx_pyfunc = mlflow.pyfunc.load_model(champion, model_config={"runtime": "onnx"})
         assert onnx_pyfunc.unwrap_python_model().runtime == "onnx"
         by_onnx = onnx_pyfunc.predict(rows)
-        expected = [binarize(probs[0], chosen[0]), binarize(probs[1], chosen[1], boxes=True)]
+        expected = [binarize(probs[0], chosen[0]), binarize(probs[1], chosen[1], "arms")]
+        assert (expected[1] != binarize(probs[1], chosen[1], "boxes")).any()  # so the arms rule is the one applied
         for torch_mask, onnx_mask, mask in zip(by_torch, by_onnx, expected, strict=True):
             np.testing.assert_array_equal(onnx_mask, torch_mask)
             np.testing.assert_array_equal(onnx_mask == 255, mask)

@@ -62,7 +62,7 @@ def test_the_champion_carries_the_val_chosen_thresholds_into_the_pyfunc_and_pred
     }
     # val chose to snap the taping prompt's components to boxes
     expected = {
-        prompt: binarize(p, chosen[prompt], boxes=prompt == PROMPTS[1])
+        prompt: binarize(p, chosen[prompt], "boxes" if prompt == PROMPTS[1] else None)
         for prompt, p in zip(PROMPTS, probs, strict=True)
     }
     assert any((expected[p] != binarize(probs[i], 0.5)).any() for i, p in enumerate(PROMPTS))

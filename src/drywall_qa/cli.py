@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from drywall_qa.contracts.mask_rule import SNAP_WORDS
 from drywall_qa.contracts.masks import binarize, write_mask
 from drywall_qa.contracts.naming import image_id_of, mask_file_name
 from drywall_qa.contracts.roboflow import IMAGE_SUFFIXES, is_image_file
@@ -123,21 +124,21 @@ def collect_images(inputs: Sequence[str]) -> list[Path]:
     return list(by_id.values())
 
 
-def model_thresholds(model_root: Path) -> tuple[dict[str, float], frozenset[str]]:
-    """The val-chosen thresholds and snapped prompts a logged MLflow model carries (its
-    `thresholds.json`), if any."""
+def model_thresholds(model_root: Path) -> tuple[dict[str, float], dict[str, str]]:
+    """The val-chosen thresholds and snapped prompts (each with its snap) a logged MLflow model
+    carries (its `thresholds.json`), if any."""
     found = sorted(model_root.rglob(THRESHOLDS_FILE), key=lambda p: len(p.parts))
-    return (read_thresholds(found[0]), read_boxed(found[0])) if found else ({}, frozenset())
+    return (read_thresholds(found[0]), read_boxed(found[0])) if found else ({}, {})
 
 
 def boxed_for(
-    prompts: Sequence[str], thresholds_from: str | None, carried: frozenset[str] = frozenset()
-) -> frozenset[str]:
-    """The prompts snapped to boxes: those `--thresholds-from` (an eval.json) records, else those the
-    model carries. `--threshold` does not change it."""
+    prompts: Sequence[str], thresholds_from: str | None, carried: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The prompts snapped to boxes, each with its snap: those `--thresholds-from` (an eval.json)
+    records, else those the model carries. `--threshold` does not change it."""
     if thresholds_from:
         return read_eval_boxed(thresholds_from, prompts)
-    return frozenset(carried) & set(prompts)
+    return {prompt: snap for prompt, snap in (carried or {}).items() if prompt in prompts}
 
 
 def thresholds_for(
@@ -192,12 +193,13 @@ def predict_to_folder(
     thresholds: dict[str, float],
     out_dir: Path,
     batch_size: int = 8,
-    boxed: frozenset[str] = frozenset(),
+    boxed: Mapping[str, str] | None = None,
 ) -> PredictSummary:
     """Masks of every readable image for every prompt; images go to `probs_of` (PyTorch's or ONNX
     Runtime's `predict_probs`) `batch_size` at a time, each through the vision encoder once for all prompts."""
     from tqdm import tqdm
 
+    boxed = boxed or {}
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = PredictSummary()
     progress = tqdm(total=len(paths), unit="img", desc="predict", disable=None)
@@ -213,7 +215,7 @@ def predict_to_folder(
             probs = probs_of([image for _, image in batch], list(prompts))
             for (path, _), image_probs in zip(batch, probs, strict=True):
                 for prompt, prob in zip(prompts, image_probs, strict=True):
-                    mask = binarize(prob, thresholds[prompt], boxes=prompt in boxed)
+                    mask = binarize(prob, thresholds[prompt], boxed.get(prompt))
                     write_mask(out_dir / mask_file_name(image_id_of(path.name), prompt), mask)
                     summary.masks += 1
                 summary.images += 1
@@ -236,7 +238,7 @@ def torch_predictor(model: str, download_dir: Path, device: str | None, batch_si
     from drywall_qa.inference import predict_probs
 
     model_dir = resolve_model_dir(model, download_dir)
-    carried = model_thresholds(download_dir) if is_mlflow_uri(model) else ({}, frozenset())
+    carried = model_thresholds(download_dir) if is_mlflow_uri(model) else ({}, {})
     checkpoint, processor = load_checkpoint(model_dir)
 
     def probs_of(images, prompts):
@@ -264,7 +266,7 @@ def onnx_predictor(model: str, download_dir: Path, batch_size: int):
             )
     onnx_model = load_onnx_model(path)
     thresholds = {prompt: onnx_model.rule(prompt)[0] for prompt in onnx_model.prompts}
-    boxed = frozenset(prompt for prompt in onnx_model.prompts if onnx_model.rule(prompt)[1])
+    boxed = {prompt: onnx_model.rule(prompt)[1] for prompt in onnx_model.prompts if onnx_model.rule(prompt)[1]}
 
     def probs_of(images, prompts):
         return onnx_predict_probs(onnx_model, images, prompts, batch_size=batch_size)
@@ -288,7 +290,9 @@ def predict_command(args: argparse.Namespace) -> int:
         thresholds = thresholds_for(prompts, args.threshold, args.thresholds_from, carried)
         boxed = boxed_for(prompts, args.thresholds_from, carried_boxed)
         summary = predict_to_folder(probs_of, paths, prompts, thresholds, Path(args.out), args.batch_size, boxed)
-    shown = ", ".join(f"{p!r} at {t:g}" + (" snapped to boxes" if p in boxed else "") for p, t in thresholds.items())
+    shown = ", ".join(
+        f"{p!r} at {t:g}" + (f" {SNAP_WORDS[boxed[p]]}" if p in boxed else "") for p, t in thresholds.items()
+    )
     print(f"drywall-qa: wrote {summary.masks} masks for {summary.images} images to {args.out} ({shown})")
     if summary.skipped:
         print(
@@ -306,9 +310,7 @@ def export_command(args: argparse.Namespace) -> int:
         raise CliError(f"--out must name an .onnx file, got {args.out}")
     with tempfile.TemporaryDirectory(prefix="drywall-qa-model-") as download_dir:
         model_dir = resolve_model_dir(args.model, Path(download_dir))
-        carried, carried_boxed = (
-            model_thresholds(Path(download_dir)) if is_mlflow_uri(args.model) else ({}, frozenset())
-        )
+        carried, carried_boxed = model_thresholds(Path(download_dir)) if is_mlflow_uri(args.model) else ({}, {})
         # default: every prompt the registered model has a val-chosen rule for
         prompts = list(dict.fromkeys(args.prompt or list(carried) or DEFAULT_PROMPTS))
         thresholds = thresholds_for(prompts, args.threshold, args.thresholds_from, carried)
@@ -316,7 +318,9 @@ def export_command(args: argparse.Namespace) -> int:
         model, processor = load_checkpoint(model_dir)
         export_onnx(model, processor, args.out, prompts, thresholds, boxed)
     size = Path(args.out).stat().st_size / 1e6
-    shown = ", ".join(f"{p!r} at {t:g}" + (" snapped to boxes" if p in boxed else "") for p, t in thresholds.items())
+    shown = ", ".join(
+        f"{p!r} at {t:g}" + (f" {SNAP_WORDS[boxed[p]]}" if p in boxed else "") for p, t in thresholds.items()
+    )
     print(f"drywall-qa: wrote {args.out} ({size:.1f} MB; {shown})")
     return 0
 

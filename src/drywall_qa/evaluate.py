@@ -14,8 +14,8 @@ import functools
 import os
 import shutil
 from collections import defaultdict
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,10 @@ from PIL import Image, UnidentifiedImageError
 
 from drywall_qa.contracts.atomic import replace_dir, write_csv_atomic, write_json_atomic
 from drywall_qa.contracts.manifest import ImageRecord, image_records, prompt_order, read_manifest
+from drywall_qa.contracts.mask_rule import SNAPS
 from drywall_qa.contracts.masks import binarize, read_mask, write_mask
 from drywall_qa.contracts.naming import mask_file_name, prompt_slug, source_group
-from drywall_qa.contracts.thresholds import boxes_key, eval_key
+from drywall_qa.contracts.thresholds import boxed_metrics, eval_key
 from drywall_qa.errors import DrywallQAError
 from drywall_qa.intervals import group_bootstrap
 from drywall_qa.metrics import Counts, confusion_counts, dice, iou, precision, recall, summarize, threshold_counts
@@ -35,7 +36,17 @@ from drywall_qa.runtime import device_name, folder_bytes, measure_runtime, peak_
 PredictFn = Callable[[list[Image.Image], list[str]], list[np.ndarray]]
 
 PER_IMAGE_COLUMNS = ["image_id", "dataset", "prompt", "iou", "dice", "gt_fg_fraction", "pred_fg_fraction"]
-PER_PROMPT_COLUMNS = ["prompt", "dataset", "test_miou", "test_dice", "zero_shot_miou", "threshold", "boxes", "pairs"]
+PER_PROMPT_COLUMNS = [
+    "prompt",
+    "dataset",
+    "test_miou",
+    "test_dice",
+    "zero_shot_miou",
+    "threshold",
+    "boxes",
+    "arms",
+    "pairs",
+]
 SWEEP_COLUMNS = ["prompt", "threshold", "val_miou", "val_dice", "precision", "recall"]
 ZERO_SHOT_THRESHOLD = 0.5
 DECIMALS = 6  # rounding of written scores: stable files, far below any meaningful difference
@@ -102,7 +113,7 @@ def predict_images(
 # ---------------------------------------------------------------- thresholds on val
 
 
-Sweep = dict[tuple[str, bool], list[list[Counts]]]  # (prompt, snapped to boxes) -> per pair, counts per threshold
+Sweep = dict[tuple[str, str | None], list[list[Counts]]]  # (prompt, snap or None) -> per pair, counts per threshold
 
 
 def sweep_thresholds(
@@ -110,38 +121,39 @@ def sweep_thresholds(
     images: Sequence[ImageRecord],
     thresholds: Sequence[float],
     chunk_size: int = 8,
-    box_snapping: bool = False,
+    snaps: Sequence[str] = (),
 ) -> Sweep:
-    """For every prompt (and, with `box_snapping`, every prompt snapped to boxes): per (image, prompt)
-    pair, the pixel counts at each threshold."""
+    """For every prompt, unsnapped and snapped each way of `snaps` (`contracts.mask_rule.SNAPS`): per
+    (image, prompt) pair, the pixel counts at each threshold."""
     counts: Sweep = defaultdict(list)
     for image, prompts, probs in predict_images(predict_fn, images, lambda i: list(i.prompts), chunk_size):
         for prompt, prob in zip(prompts, probs, strict=True):
             gt = read_mask(image.mask_paths[prompt], (image.width, image.height))
-            counts[(prompt, False)].append(threshold_counts(prob, gt, thresholds))
-            if box_snapping:
-                counts[(prompt, True)].append([confusion_counts(binarize(prob, t, boxes=True), gt) for t in thresholds])
+            counts[(prompt, None)].append(threshold_counts(prob, gt, thresholds))
+            for snap in snaps:
+                counts[(prompt, snap)].append([confusion_counts(binarize(prob, t, snap), gt) for t in thresholds])
     return dict(counts)
 
 
-def choose_thresholds(sweep: Sweep, thresholds: Sequence[float]) -> tuple[dict[str, float], frozenset[str], list[dict]]:
-    """Per prompt, the rule (threshold, snapped or not) with the highest val mIoU, the prompts snapped,
-    and the sweep table of the unsnapped thresholds.
+def choose_thresholds(sweep: Sweep, thresholds: Sequence[float]) -> tuple[dict[str, float], dict[str, str], list[dict]]:
+    """Per prompt, the rule (threshold, snapped or not and how) with the highest val mIoU, the prompts
+    snapped (each with its snap), and the sweep table of the unsnapped thresholds.
 
-    Ties go to unsnapped, then to the threshold closest to 0.5, then the lower one, so a flat curve
-    (e.g. a model that predicts nothing at any threshold) gives the neutral choice.
+    Ties go to unsnapped, then boxes before arms, then to the threshold closest to 0.5, then the lower
+    one, so a flat curve (e.g. a model that predicts nothing at any threshold) gives the neutral choice.
     """
     if not thresholds:
         raise EvaluationError("evaluate.thresholds is empty")
-    best: dict[str, tuple[tuple, float, bool]] = {}
+    best: dict[str, tuple[tuple, float, str | None]] = {}
     rows: list[dict] = []
-    for (prompt, boxes), pairs in sorted(sweep.items()):
+    preference = {None: 0} | {snap: -1 - rank for rank, snap in enumerate(SNAPS)}
+    for (prompt, snap), pairs in sorted(sweep.items(), key=lambda item: (item[0][0], -preference[item[0][1]])):
         if not pairs:
             raise EvaluationError(f"no val pairs for prompt {prompt!r}: cannot choose its threshold")
         for index, threshold in enumerate(thresholds):
             per_pair = [pair[index] for pair in pairs]
             miou = float(np.mean([iou(c) for c in per_pair]))
-            if not boxes:
+            if snap is None:
                 total = sum(per_pair, Counts(0, 0, 0, 0))
                 rows.append(
                     {
@@ -153,11 +165,11 @@ def choose_thresholds(sweep: Sweep, thresholds: Sequence[float]) -> tuple[dict[s
                         "recall": recall(total),
                     }
                 )
-            score = (miou, not boxes, -abs(threshold - 0.5), -threshold)
+            score = (miou, preference[snap], -abs(threshold - 0.5), -threshold)
             if prompt not in best or score > best[prompt][0]:
-                best[prompt] = (score, float(threshold), boxes)
+                best[prompt] = (score, float(threshold), snap)
     chosen = {prompt: threshold for prompt, (_, threshold, _) in best.items()}
-    boxed = frozenset(prompt for prompt, (_, _, boxes) in best.items() if boxes)
+    boxed = {prompt: snap for prompt, (_, _, snap) in best.items() if snap is not None}
     return chosen, boxed, rows
 
 
@@ -177,14 +189,15 @@ def score_split(
     all_prompts: Sequence[str] = (),
     predictions_dir: str | Path | None = None,
     chunk_size: int = 8,
-    boxed: Collection[str] = (),
+    boxed: Mapping[str, str] | None = None,
 ) -> SplitScores:
     """Score each image under its own prompts; also predict `all_prompts` the image does not own.
 
-    `thresholds` is one threshold or one per prompt; the prompts in `boxed` are snapped to boxes. With `predictions_dir`, every binarised
+    `thresholds` is one threshold or one per prompt; the prompts in `boxed` are snapped its way. With `predictions_dir`, every binarised
     prediction (own and other prompts) is written there as `<dataset>/<image_id>__<prompt_slug>.png`.
     """
     threshold_of = (lambda p: thresholds[p]) if isinstance(thresholds, dict) else (lambda p: float(thresholds))
+    boxed = boxed or {}
     extra = list(dict.fromkeys(all_prompts))
 
     def prompts_of(image: ImageRecord) -> list[str]:
@@ -194,7 +207,7 @@ def score_split(
     for image, prompts, probs in predict_images(predict_fn, images, prompts_of, chunk_size):
         for prompt, prob in zip(prompts, probs, strict=True):
             try:
-                pred = binarize(prob, threshold_of(prompt), boxes=prompt in boxed)
+                pred = binarize(prob, threshold_of(prompt), boxed.get(prompt))
             except KeyError:
                 raise EvaluationError(f"no threshold for prompt {prompt!r}") from None
             if predictions_dir is not None:
@@ -257,7 +270,7 @@ class EvaluationResult:
     per_prompt: list[dict]
     sweep: list[dict]
     thresholds: dict[str, float]
-    boxed: frozenset[str] = frozenset()  # prompts whose components are snapped to boxes
+    boxed: dict[str, str] = field(default_factory=dict)  # snapped prompt -> its snap (boxes | arms)
 
 
 def evaluate_predictions(
@@ -268,12 +281,12 @@ def evaluate_predictions(
     thresholds: Sequence[float],
     predictions_dir: str | Path | None,
     chunk_size: int = 8,
-    box_snapping: bool = False,
+    snaps: Sequence[str] = (),
     groups: Mapping[tuple[str, str], str] | None = None,
     seed: int = 0,
 ) -> EvaluationResult:
-    """Choose a mask rule per prompt on val (its threshold, and with `box_snapping` whether snapping its
-    components to boxes scores higher), score test with it, write the test predictions.
+    """Choose a mask rule per prompt on val (its threshold, and whether snapping it to boxes in one of
+    the ways of `snaps` scores higher), score test with it, write the test predictions.
 
     Test images are also predicted under the prompts of the other datasets (their masks are
     written too; `cross_prompt.*` measures how much foreground those prompts produce). Each dataset's
@@ -290,10 +303,10 @@ def evaluate_predictions(
     if missing_val:
         raise EvaluationError(f"no val pairs for prompt(s) {missing_val}: cannot choose their thresholds")
 
-    sweep = sweep_thresholds(predict_fn, val, thresholds, chunk_size, box_snapping)
+    sweep = sweep_thresholds(predict_fn, val, thresholds, chunk_size, snaps)
     chosen, boxed, sweep_rows = choose_thresholds(sweep, thresholds)
     metrics: dict[str, Any] = {eval_key(p): t for p, t in chosen.items()}
-    metrics |= {boxes_key(p): int(p in boxed) for p in chosen}
+    metrics |= boxed_metrics(list(chosen), boxed)
     # val only chose the rules: its scores with them, overall and per prompt
     val_pairs = val_pairs_at(sweep, chosen, boxed, thresholds, val)
     metrics |= summary_metrics(val_pairs, "val", overall=("miou", "dice"), per_group=("miou",))
@@ -319,7 +332,8 @@ def evaluate_predictions(
                 "test_dice": metrics[f"test.{slug}.dice"],
                 "zero_shot_miou": "",  # filled by add_zero_shot
                 "threshold": chosen[prompt],
-                "boxes": int(prompt in boxed),  # 1: val chose snapping components to their boxes
+                "boxes": int(prompt in boxed),  # 1: val chose snapping to boxes
+                "arms": int(boxed.get(prompt) == "arms"),  # 1: ... one box per straight arm
                 "pairs": metrics[f"test.{slug}.pairs"],
             }
         )
@@ -347,7 +361,7 @@ def add_zero_shot(
 def val_pairs_at(
     sweep: Sweep,
     chosen: Mapping[str, float],
-    boxed: Collection[str],
+    boxed: Mapping[str, str],
     thresholds: Sequence[float],
     val: Sequence[ImageRecord],
 ) -> list[dict]:
@@ -357,7 +371,7 @@ def val_pairs_at(
     for prompt, threshold in chosen.items():
         index = list(thresholds).index(threshold)
         owners = [image for image in val if prompt in image.mask_paths]
-        counts = sweep[(prompt, prompt in boxed)]
+        counts = sweep[(prompt, boxed.get(prompt))]
         if len(owners) != len(counts):
             raise EvaluationError(f"the sweep has {len(counts)} pairs of {prompt!r}, val has {len(owners)}")
         pairs += [
@@ -419,7 +433,7 @@ class EvaluateSettings:
     zero_shot: bool
     timing_images: int
     seed: int
-    box_snapping: bool = False
+    snaps: tuple[str, ...] = ()
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> EvaluateSettings:
@@ -432,7 +446,7 @@ class EvaluateSettings:
             evaluate["zero_shot"],
             evaluate["timing_images"],
             params["seed"],
-            evaluate["box_snapping"],
+            tuple(evaluate["box_snapping"]),
         )
 
 
@@ -500,7 +514,7 @@ def run_evaluation(
             settings.thresholds,
             staging,
             batch_size,
-            settings.box_snapping,
+            settings.snaps,
             manifest_groups(rows),
             settings.seed,
         )

@@ -165,7 +165,7 @@ class ClipSegPyfunc(mlflow.pyfunc.PythonModel):
         self.runtime = runtime
         path = context.artifacts.get(THRESHOLDS_ARTIFACT)
         self.thresholds = read_thresholds(path) if path else {}
-        self.boxed = read_boxed(path) if path else frozenset()
+        self.boxed = read_boxed(path) if path else {}
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[np.ndarray]:
         try:
@@ -193,7 +193,7 @@ class ClipSegPyfunc(mlflow.pyfunc.PythonModel):
             for row in rows:
                 prompt = str(model_input["prompt"].iloc[row])
                 threshold = float(override) if override is not None else self.thresholds.get(prompt, DEFAULT_THRESHOLD)
-                mask = binarize(probs[prompts.index(prompt)], threshold, boxes=prompt in self.boxed)
+                mask = binarize(probs[prompts.index(prompt)], threshold, self.boxed.get(prompt))
                 masks[row] = mask.astype(np.uint8) * 255
         return masks
 

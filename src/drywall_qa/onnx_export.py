@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import tempfile
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -158,7 +158,7 @@ def export_spec(
     processor: CLIPSegProcessor,
     prompts: Sequence[str],
     thresholds: Mapping[str, float],
-    boxed: Collection[str] = (),
+    boxed: Mapping[str, str] | None = None,
 ) -> dict:
     """The metadata the runner needs around the graph; OnnxExportError for what it cannot reproduce."""
     config = InferenceConfig.of(model)
@@ -189,7 +189,8 @@ def export_spec(
         "flips": list(config.flips),
         "sizes": list(config.sizes),
         "thresholds": {prompt: float(thresholds.get(prompt, DEFAULT_THRESHOLD)) for prompt in prompts},
-        "boxed": sorted(set(boxed) & set(prompts)),
+        "boxed": sorted(set(boxed or {}) & set(prompts)),  # snapped to boxes, either way
+        "arms": sorted(prompt for prompt, snap in (boxed or {}).items() if snap == "arms" and prompt in prompts),
     }
 
 
@@ -199,7 +200,7 @@ def export_onnx(
     out: str | Path,
     prompts: Sequence[str],
     thresholds: Mapping[str, float] | None = None,
-    boxed: Collection[str] = (),
+    boxed: Mapping[str, str] | None = None,
 ) -> dict:
     """Write the ONNX file to `out` (atomically) and return its spec (see the module docstring)."""
     prompts = list(dict.fromkeys(prompts))

@@ -64,9 +64,12 @@ class OnnxModel:
         """The session's intra-op threads (0 in its options: ONNX Runtime's default, one per core)."""
         return self.session.get_session_options().intra_op_num_threads or os.cpu_count() or 1
 
-    def rule(self, prompt: str) -> tuple[float, bool]:
-        """The prompt's val-chosen (threshold, snapped to boxes)."""
-        return float(self.spec["thresholds"][prompt]), prompt in self.spec["boxed"]
+    def rule(self, prompt: str) -> tuple[float, str | None]:
+        """The prompt's val-chosen (threshold, snap: "boxes", "arms" or None); files exported before the
+        arms have no `arms` list."""
+        if prompt not in self.spec["boxed"]:
+            return float(self.spec["thresholds"][prompt]), None
+        return float(self.spec["thresholds"][prompt]), "arms" if prompt in self.spec.get("arms", ()) else "boxes"
 
 
 def load_onnx_model(path: str | Path, threads: int | None = None) -> OnnxModel:
@@ -261,12 +264,12 @@ def onnx_masks(
     model: OnnxModel, image: Image.Image, prompts: Sequence[str], threshold: float | None = None
 ) -> dict[str, np.ndarray]:
     """Each prompt's boolean mask of `image` under its val-chosen rule (`threshold` replaces the
-    threshold, not the box snapping)."""
+    threshold, not the snapping)."""
     (probs,) = onnx_predict_probs(model, [image], prompts)
     masks = {}
     for prompt, prob in zip(prompts, probs, strict=True):
-        chosen, boxes = model.rule(prompt)
-        masks[prompt] = binarize(prob, chosen if threshold is None else threshold, boxes=boxes)
+        chosen, snap = model.rule(prompt)
+        masks[prompt] = binarize(prob, chosen if threshold is None else threshold, snap)
     return masks
 
 

@@ -162,7 +162,7 @@ class EvaluateParams(_Section):
     batch_size: Positive
     zero_shot: bool
     timing_images: NonNegative
-    box_snapping: bool
+    box_snapping: list[Literal["boxes", "arms"]]  # the snaps val may choose per prompt (contracts.mask_rule)
 
 
 class VisualizeParams(_Section):

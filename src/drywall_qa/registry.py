@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from drywall_qa.contracts.atomic import write_json_atomic
+from drywall_qa.contracts.mask_rule import SNAP_WORDS
 from drywall_qa.contracts.naming import prompt_slug
 from drywall_qa.contracts.thresholds import (
     THRESHOLDS_FILE,
+    arms_key,
     boxed_from_eval_metrics,
     boxes_key,
     from_eval_metrics,
@@ -95,7 +97,7 @@ def version_description(metrics: Mapping[str, Any], thresholds: Mapping[str, flo
     )
     boxed = boxed_from_eval_metrics(metrics, list(thresholds))
     chosen = ", ".join(
-        f"{prompt!r} {value:g}" + (" (snapped to boxes)" if prompt in boxed else "")
+        f"{prompt!r} {value:g}" + (f" ({SNAP_WORDS[boxed[prompt]]})" if prompt in boxed else "")
         for prompt, value in thresholds.items()
     )
     where = ", ".join(f"{key} {value}" for key, value in context.items() if value)
@@ -156,6 +158,7 @@ def register_checkpoint(
     tags = {key: f"{metrics[key]:.4f}" for key in HEADLINE_KEYS if isinstance(metrics.get(key), int | float)}
     tags |= {f"threshold.{prompt_slug(p)}": f"{t:g}" for p, t in thresholds.items()}
     tags |= {boxes_key(p): "true" for p in sorted(boxed)}
+    tags |= {arms_key(p): "true" for p in sorted(boxed) if boxed[p] == "arms"}
     tags |= {"gate": "passed" if passed else "failed", **{k: v for k, v in context.items() if v}}
     tags |= {"onnx": onnx_tag} if onnx_tag else {}
     for key, value in tags.items():

@@ -485,6 +485,12 @@ def results_section(inputs: ReportInputs, params: dict) -> str:
     return "\n".join(lines)
 
 
+def _snap_label(m: dict, prompt: str) -> str:
+    if m.get(f"boxes.{prompt_slug(prompt)}") != 1:
+        return ""
+    return " + arms" if m.get(f"arms.{prompt_slug(prompt)}") == 1 else " + boxes"
+
+
 def _result_rows(m: dict, params: dict) -> list[tuple]:
     """One row per prompt, one per dataset over its prompts, and one over everything."""
     rows = []
@@ -495,8 +501,7 @@ def _result_rows(m: dict, params: dict) -> list[tuple]:
                 (
                     dataset,
                     f"`{prompt}`",
-                    f"{_need(m, f'threshold.{prompt_slug(prompt)}', 'metrics/eval.json'):g}"
-                    + (" + boxes" if m.get(f"boxes.{prompt_slug(prompt)}") == 1 else ""),
+                    f"{_need(m, f'threshold.{prompt_slug(prompt)}', 'metrics/eval.json'):g}" + _snap_label(m, prompt),
                     _score(_need(m, f"{key}.miou", "metrics/eval.json")),
                     _score(m.get(f"{key}.dice")),
                     _score(m.get(f"{key}.iou_dataset")),
@@ -553,9 +558,12 @@ def _result_notes(inputs: ReportInputs) -> list[str]:
         "- **threshold**: the probability a pixel must reach to be foreground, chosen per prompt as the value "
         f"of `evaluate.thresholds` with the highest val mIoU (ties: closest to 0.5). Val mIoU at the chosen "
         f"thresholds: {_score(m.get('val.miou'))}.",
-        "- **+ boxes**: with `evaluate.box_snapping`, val also decides per prompt whether each predicted "
-        "component is replaced by its bounding rectangle (the taping ground truth is drawn as boxes); "
-        "`drywall-qa predict` and the registered model apply the same rule.",
+        "- **+ boxes** / **+ arms**: with `evaluate.box_snapping`, val also decides per prompt whether the "
+        "mask snaps to boxes (the taping ground truth is drawn as boxes), and how: **boxes** replaces each "
+        "predicted component by its bounding rectangle; **arms** keeps only straight horizontal and vertical "
+        "runs at least a fifth of the photo's shorter side long and boxes each arm, so an L-shaped joint "
+        "becomes two thin boxes and a blob without a long straight run is dropped. `drywall-qa predict`, "
+        "the registered model and the ONNX runner apply the same rule.",
     ]
     if "zero_shot.test.miou" in m:
         lines.append(

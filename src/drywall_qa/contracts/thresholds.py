@@ -1,22 +1,25 @@
-"""The val-chosen mask rule of each prompt (its threshold, and whether its components are snapped to
-boxes), as evaluation records it and models carry it.
+"""The val-chosen mask rule of each prompt (its threshold, and whether and how its foreground is
+snapped to boxes: `contracts.mask_rule.SNAPS`), as evaluation records it and models carry it.
 
-- `metrics/eval.json` holds `threshold.<prompt_slug>` and `boxes.<prompt_slug>` (1 = snapped, 0 = not),
-  flat keys with the other metrics;
+- `metrics/eval.json` holds `threshold.<prompt_slug>`, `boxes.<prompt_slug>` (1 = snapped, 0 = not) and
+  `arms.<prompt_slug>` (1 = snapped per straight arm, 0 = per component), flat keys with the other metrics;
 - a logged MLflow model carries `thresholds.json`: `{"<prompt>": <threshold>, ...}`, where a snapped
-  prompt's value is `{"threshold": <threshold>, "boxes": true}`; the pyfunc and
-  `drywall-qa predict --model models:/...` read it as their default.
+  prompt's value is `{"threshold": <threshold>, "snap": "boxes" | "arms"}` (files written before the
+  arms have `"boxes": true`, read as `boxes`); the pyfunc and `drywall-qa predict --model models:/...`
+  read it as their default.
 
-A prompt without a recorded threshold gets `DEFAULT_THRESHOLD`, and is not snapped.
+A prompt without a recorded threshold gets `DEFAULT_THRESHOLD`, and is not snapped. A prompt's
+snapping travels as `boxed`: a mapping of each snapped prompt to its snap (`"boxes"` or `"arms"`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from drywall_qa.contracts.atomic import write_json_atomic
+from drywall_qa.contracts.mask_rule import SNAPS
 from drywall_qa.contracts.naming import prompt_slug
 from drywall_qa.errors import DrywallQAError
 
@@ -47,9 +50,20 @@ def boxes_key(prompt: str) -> str:
     return f"boxes.{prompt_slug(prompt)}"
 
 
-def boxed_from_eval_metrics(metrics: Mapping[str, object], prompts: Sequence[str]) -> frozenset[str]:
-    """The prompts eval.json records as snapped to boxes."""
-    return frozenset(p for p in prompts if metrics.get(boxes_key(p)) == 1)
+def arms_key(prompt: str) -> str:
+    return f"arms.{prompt_slug(prompt)}"
+
+
+def boxed_from_eval_metrics(metrics: Mapping[str, object], prompts: Sequence[str]) -> dict[str, str]:
+    """The prompts eval.json records as snapped to boxes, each with its snap."""
+    return {p: "arms" if metrics.get(arms_key(p)) == 1 else "boxes" for p in prompts if metrics.get(boxes_key(p)) == 1}
+
+
+def boxed_metrics(prompts: Sequence[str], boxed: Mapping[str, str]) -> dict[str, int]:
+    """eval.json's `boxes.*` and `arms.*` keys of `prompts`."""
+    return {boxes_key(p): int(p in boxed) for p in prompts} | {
+        arms_key(p): int(boxed.get(p) == "arms") for p in prompts
+    }
 
 
 def from_eval_metrics(
@@ -74,7 +88,7 @@ def read_eval_thresholds(path: str | Path, prompts: Sequence[str]) -> dict[str, 
     return from_eval_metrics(metrics, prompts, str(path))
 
 
-def read_eval_boxed(path: str | Path, prompts: Sequence[str]) -> frozenset[str]:
+def read_eval_boxed(path: str | Path, prompts: Sequence[str]) -> dict[str, str]:
     path = Path(path)
     metrics = _read_json(path)
     if not isinstance(metrics, dict):
@@ -82,15 +96,23 @@ def read_eval_boxed(path: str | Path, prompts: Sequence[str]) -> frozenset[str]:
     return boxed_from_eval_metrics(metrics, prompts)
 
 
-def write_thresholds(path: str | Path, thresholds: Mapping[str, float], boxed: Collection[str] = ()) -> None:
+def write_thresholds(path: str | Path, thresholds: Mapping[str, float], boxed: Mapping[str, str] | None = None) -> None:
+    boxed = checked_boxed(str(path), boxed or {})
     unknown = sorted(set(boxed) - set(thresholds))
     if unknown:
         raise ThresholdsError(f"{path}: prompts {unknown} are snapped to boxes but have no threshold")
     document = {
-        prompt: {"threshold": value, "boxes": True} if prompt in boxed else value
+        prompt: {"threshold": value, "snap": boxed[prompt]} if prompt in boxed else value
         for prompt, value in _checked(str(path), thresholds).items()
     }
     write_json_atomic(path, document)
+
+
+def checked_boxed(source: str, boxed: Mapping[str, str]) -> dict[str, str]:
+    bad = {prompt: snap for prompt, snap in boxed.items() if snap not in SNAPS}
+    if bad:
+        raise ThresholdsError(f"{source}: unknown snapping {bad}; expected one of {list(SNAPS)}")
+    return dict(boxed)
 
 
 def read_thresholds(path: str | Path) -> dict[str, float]:
@@ -101,17 +123,25 @@ def read_thresholds(path: str | Path) -> dict[str, float]:
     return _checked(str(path), document)
 
 
-def read_boxed(path: str | Path) -> frozenset[str]:
-    """The prompts a thresholds.json snaps to boxes."""
+def read_boxed(path: str | Path) -> dict[str, str]:
+    """The prompts a thresholds.json snaps to boxes, each with its snap."""
     path = Path(path)
     document = _read_json(path)
     if not isinstance(document, dict):
         raise ThresholdsError(f"{path} must map each prompt to its threshold")
-    boxed = set()
+    boxed = {}
     for prompt, value in document.items():
-        if isinstance(value, dict):
-            if not isinstance(value.get("boxes", False), bool):
+        if not isinstance(value, dict):
+            continue
+        if "snap" in value:
+            if value["snap"] not in SNAPS:
+                raise ThresholdsError(
+                    f"{path}: `snap` of {prompt!r} must be one of {list(SNAPS)}, got {value['snap']!r}"
+                )
+            boxed[str(prompt)] = value["snap"]
+        elif "boxes" in value:  # written before the arms
+            if not isinstance(value["boxes"], bool):
                 raise ThresholdsError(f"{path}: `boxes` of {prompt!r} must be true or false, got {value['boxes']!r}")
-            if value.get("boxes", False):
-                boxed.add(str(prompt))
-    return frozenset(boxed)
+            if value["boxes"]:
+                boxed[str(prompt)] = "boxes"
+    return boxed
