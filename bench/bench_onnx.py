@@ -3,11 +3,14 @@ exported model in a virtualenv with only onnxruntime, numpy and Pillow.
 
     python bench/bench_onnx.py                 # ~3 minutes on 2 cores (pip downloads included); writes bench/onnx_results.json
     python bench/bench_onnx.py --images 8 --rounds 3 --no-clean-env     # a quicker look, no venv
+    python bench/bench_onnx.py --checkpoint models/clipseg/best --no-clean-env   # a trained checkpoint's weights
 
 The model is `scripts/run_real.sh`'s architecture and inference path: the `tiny` preset with the conv
 stem [24, 48, 96, 96] at 224 px (CLIPSeg's upsampler: `skip_decoder` None), inference mode `resize` with
 left-right and top-bottom mirrors at 256 px (3 vision passes per photo), all 5 prompts. Its weights are seeded random ones (no trained
-checkpoint of the recipe is in the repo; speed does not depend on the values). The photos are real
+checkpoint of the recipe is in the repo; speed does not depend on the values), or with `--checkpoint` a
+trained checkpoint of that architecture (e.g. `scripts/run_real.sh`'s), whose int8 mask agreement is the
+one that says what quantisation costs a user (`results["weights"]` names which). The photos are real
 ones from `../shared/realdata` (synthetic 640 px photos when that is absent).
 
 Each runtime runs in its own process with 2 threads (peak RSS is that process's; it holds the last
@@ -76,25 +79,30 @@ def photo_paths(count: int, workdir: Path) -> list[Path]:
     return paths
 
 
-def prepare(workdir: Path) -> dict:
-    """The recipe's checkpoint folder, its ONNX export and the int8 quantisation, with their sizes and times."""
+def prepare(workdir: Path, checkpoint: Path | None = None) -> dict:
+    """The recipe's checkpoint folder (seeded random weights, or `checkpoint`'s), its ONNX export and the
+    int8 quantisation, with their sizes and times."""
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from drywall_qa.inference import InferenceConfig
-    from drywall_qa.model import build_model
+    from drywall_qa.model import build_model, load_model
     from drywall_qa.onnx_export import export_onnx
 
     torch.manual_seed(0)
-    model, processor = build_model(
-        RECIPE["preset"],
-        None,
-        RECIPE["image_size"],
-        False,
-        prompts=PROMPTS,
-        conv_stem=RECIPE["conv_stem"],
-        skip_decoder=RECIPE["skip_decoder"],
-    )
+    if checkpoint is None:
+        model, processor = build_model(
+            RECIPE["preset"],
+            None,
+            RECIPE["image_size"],
+            False,
+            prompts=PROMPTS,
+            conv_stem=RECIPE["conv_stem"],
+            skip_decoder=RECIPE["skip_decoder"],
+        )
+    else:
+        model, processor = load_model(checkpoint)
+        check_recipe_architecture(model, checkpoint)
     InferenceConfig(flips=tuple(RECIPE["flips"]), sizes=tuple(RECIPE["sizes"])).attach(model)
     model.save_pretrained(workdir / "checkpoint")
     processor.save_pretrained(workdir / "checkpoint")
@@ -117,6 +125,19 @@ def prepare(workdir: Path) -> dict:
         "onnx_bytes": (workdir / "model.onnx").stat().st_size,
         "onnx_int8_bytes": (workdir / "model.int8.onnx").stat().st_size,
     }
+
+
+def check_recipe_architecture(model, checkpoint: Path) -> None:
+    """Refuse a checkpoint whose speed would not be the recipe's: another stem, decoder or input side."""
+    config = model.config
+    found = {
+        "conv_stem": list(getattr(config, "conv_stem_channels", None) or []) or None,
+        "skip_decoder": list(getattr(config, "skip_decoder_widths", None) or []) or None,
+        "image_size": config.vision_config.image_size,
+    }
+    expected = {key: RECIPE[key] for key in found}
+    if found != expected:
+        raise SystemExit(f"{checkpoint} is not the recipe's architecture: {found} where the bench times {expected}")
 
 
 def run_phase(runtime: str, workdir: Path, photos: list[Path]) -> None:
@@ -313,6 +334,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=32, help="photos timed per runtime (default 32)")
     parser.add_argument("--rounds", type=int, default=7, help="timed passes per runtime, taking turns (default 7)")
     parser.add_argument("--no-clean-env", action="store_true", help="skip the virtualenv check (no pip downloads)")
+    parser.add_argument("--checkpoint", type=Path, help="a trained checkpoint of the recipe's architecture")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the results file (default %(default)s)")
     parser.add_argument("--phase", help=argparse.SUPPRESS)  # internal: one runtime in a fresh process
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -323,7 +346,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="drywall-qa-bench-onnx-") as folder:
         workdir = Path(folder)
         photos = photo_paths(args.images, workdir)
-        files = prepare(workdir)
+        files = prepare(workdir, args.checkpoint)
         runtimes = timed_in_turns(workdir, args.images, args.rounds)
         results = {
             "settings": RECIPE
@@ -332,6 +355,7 @@ def main() -> None:
             if "realdata" in str(photos[0])
             else "synthetic",
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "weights": f"trained: {args.checkpoint}" if args.checkpoint else "seeded random (torch.manual_seed(0))",
             "files": files,
             "runtimes": runtimes,
             "onnx_speedup": round(runtimes["onnx"]["images_per_second"] / runtimes["torch"]["images_per_second"], 2),
@@ -344,7 +368,7 @@ def main() -> None:
         }
     from drywall_qa.contracts.atomic import write_json_atomic
 
-    write_json_atomic(RESULTS, results)
+    write_json_atomic(args.results, results)
     print(table(results))
     print(
         json.dumps(

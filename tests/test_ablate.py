@@ -321,3 +321,26 @@ def test_compare_scores_two_checkpoints_on_the_same_pairs(tmp_path, monkeypatch,
     table = (tmp_path / "ablation.md").read_text()
     assert "## new against old, paired on the same val pairs" in table
     assert "| cracks | 0.35 | 0.25 | +0.1000 [+0.1000, +0.1000] helps | 2 | 4 |" in table
+
+
+def test_snaps_scores_one_checkpoint_under_each_candidate_rule_set_paired(tmp_path, monkeypatch):
+    import drywall_qa.inference
+    import drywall_qa.model
+
+    manifest = write_val_set(tmp_path)
+    monkeypatch.setattr(ablate_real, "load_params", lambda path: SCORING_PARAMS)
+    monkeypatch.setattr(drywall_qa.model, "load_model", lambda folder: (object(), None))
+    monkeypatch.setattr(drywall_qa.inference, "predict_probs", fake_probs)
+    common = ["--manifest", str(manifest), "--root", str(tmp_path), "--out", str(tmp_path)]
+    candidates = ["--candidate", "none=", "--candidate", "boxes=boxes", "--candidate", "both=boxes,arms"]
+    assert ablate_real.main(["snaps", *common, "--checkpoint", str(tmp_path), "--name", "ckpt", *candidates]) == 0
+    rows = {row["name"]: row for row in json.loads((tmp_path / "ablation.json").read_text())["snaps"]}
+    # the taping L inside its box: unsnapped (and as arms, which are the L's own two runs) IoU 9/24
+    assert rows["none"]["val.taping.miou"] == 0.375 and rows["none"]["val.taping.rule"] == "0.5"
+    assert rows["boxes"]["val.taping.rule"] == "0.5 + boxes" and rows["boxes"]["val.taping.miou"] == 1.0
+    assert rows["both"]["val.taping.rule"] == "0.5 + boxes"  # arms score lower here, so val keeps boxes
+    assert rows["boxes"]["vs_baseline"]["taping"]["difference"] == 0.625 and "vs_baseline" not in rows["none"]
+    assert rows["boxes"]["vs_baseline"]["cracks"]["difference"] == 0.0
+    assert "| ckpt | boxes (`boxes`) | 1.0 | 0.5 | 1.0 | 0.5 + boxes | none |" in (tmp_path / "ablation.md").read_text()
+    with pytest.raises(SystemExit, match="snaps among"):
+        ablate_real.main(["snaps", *common, "--checkpoint", str(tmp_path), "--name", "x", "--candidate", "o=ovals"])

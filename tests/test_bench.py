@@ -158,3 +158,18 @@ def test_the_onnx_benchmark_measures_the_real_recipes_model():
     assert compact.get("model.skip_decoder") == (None if skip_decoder is None else str(skip_decoder).replace(" ", ""))
     assert compact["inference.sizes"] == str(bench_onnx.RECIPE["sizes"]).replace(" ", "")
     assert compact["inference.flips"] == "[" + ",".join(bench_onnx.RECIPE["flips"]) + "]"
+
+
+def test_the_onnx_benchmark_refuses_a_checkpoint_of_another_architecture():
+    """Timing another model under the recipe's name would publish the wrong speed."""
+    from drywall_qa.model import build_model
+
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    try:
+        import bench_onnx
+    finally:
+        sys.path.remove(str(REPO_ROOT / "bench"))
+
+    model, _ = build_model("tiny", None, 32, False, prompts=["segment crack"], conv_stem=[8, 8, 16, 16])
+    with pytest.raises(SystemExit, match="not the recipe's architecture"):
+        bench_onnx.check_recipe_architecture(model, Path("elsewhere"))
