@@ -13,7 +13,7 @@ from pathlib import Path
 
 from drywall_qa.contracts import paths
 from drywall_qa.contracts.headline import pipeline_metrics, write_headline
-from drywall_qa.contracts.mask_rule import SNAP_WORDS
+from drywall_qa.contracts.mask_rule import describe_rule
 from drywall_qa.stage import Stage, run_stage
 
 
@@ -49,8 +49,8 @@ def evaluate(stage: Stage) -> str:
     m = result.metrics
     lines = [f"evaluate: test mIoU {m['test.miou']:.4f}, Dice {m['test.dice']:.4f} on {m['test.pairs']} pairs"]
     lines += [
-        f"evaluate:   {row['prompt']!r}: mIoU {row['test_miou']:.4f} at threshold {row['threshold']}"
-        + (f" {SNAP_WORDS[result.boxed[row['prompt']]]}" if row["prompt"] in result.boxed else "")
+        f"evaluate:   {row['prompt']!r}: mIoU {row['test_miou']:.4f} at threshold "
+        f"{describe_rule(row['threshold'], result.boxed.get(row['prompt']))}"
         for row in result.per_prompt
     ]
     if "zero_shot.test.miou" in m:

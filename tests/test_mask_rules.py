@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from drywall_qa.cli import boxed_for
-from drywall_qa.contracts.mask_rule import component_boxes, component_boxes_numpy, long_runs, snap_to_arms
+from drywall_qa.contracts.mask_rule import (
+    component_boxes,
+    component_boxes_numpy,
+    describe_rule,
+    long_runs,
+    snap_to_arms,
+)
 from drywall_qa.contracts.masks import binarize, snap_to_boxes
 from drywall_qa.contracts.thresholds import ThresholdsError, read_boxed, read_thresholds, write_thresholds
 
@@ -166,3 +172,12 @@ def test_arms_of_a_tilted_band_follow_its_straight_runs():
     snapped = snap_to_arms(mask)
     assert snapped[mask].all()  # every pixel lies in a long horizontal run
     assert not snap_to_arms(np.zeros((5, 5), bool)).any()
+
+
+def test_a_rule_reads_the_same_wherever_it_is_shown():
+    """predict, export, evaluate and the registry's description all word a rule this way."""
+    assert describe_rule(0.2) == "0.2"
+    assert describe_rule(0.5, "boxes") == "0.5 snapped to boxes"
+    assert describe_rule(0.30000000000000004, "arms") == "0.3 snapped to a box per straight arm"
+    with pytest.raises(KeyError):
+        describe_rule(0.5, "rectangles")

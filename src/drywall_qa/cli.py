@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from drywall_qa.contracts.mask_rule import SNAP_WORDS
+from drywall_qa.contracts.mask_rule import describe_rule
 from drywall_qa.contracts.masks import binarize, write_mask
 from drywall_qa.contracts.naming import image_id_of, mask_file_name
 from drywall_qa.contracts.roboflow import IMAGE_SUFFIXES, is_image_file
@@ -290,9 +290,7 @@ def predict_command(args: argparse.Namespace) -> int:
         thresholds = thresholds_for(prompts, args.threshold, args.thresholds_from, carried)
         boxed = boxed_for(prompts, args.thresholds_from, carried_boxed)
         summary = predict_to_folder(probs_of, paths, prompts, thresholds, Path(args.out), args.batch_size, boxed)
-    shown = ", ".join(
-        f"{p!r} at {t:g}" + (f" {SNAP_WORDS[boxed[p]]}" if p in boxed else "") for p, t in thresholds.items()
-    )
+    shown = ", ".join(f"{p!r} at {describe_rule(t, boxed.get(p))}" for p, t in thresholds.items())
     print(f"drywall-qa: wrote {summary.masks} masks for {summary.images} images to {args.out} ({shown})")
     if summary.skipped:
         print(
@@ -318,9 +316,7 @@ def export_command(args: argparse.Namespace) -> int:
         model, processor = load_checkpoint(model_dir)
         export_onnx(model, processor, args.out, prompts, thresholds, boxed)
     size = Path(args.out).stat().st_size / 1e6
-    shown = ", ".join(
-        f"{p!r} at {t:g}" + (f" {SNAP_WORDS[boxed[p]]}" if p in boxed else "") for p, t in thresholds.items()
-    )
+    shown = ", ".join(f"{p!r} at {describe_rule(t, boxed.get(p))}" for p, t in thresholds.items())
     print(f"drywall-qa: wrote {args.out} ({size:.1f} MB; {shown})")
     return 0
 

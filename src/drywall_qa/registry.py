@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from drywall_qa.contracts.atomic import write_json_atomic
-from drywall_qa.contracts.mask_rule import SNAP_WORDS
+from drywall_qa.contracts.mask_rule import describe_rule
 from drywall_qa.contracts.naming import prompt_slug
 from drywall_qa.contracts.thresholds import (
     THRESHOLDS_FILE,
@@ -96,10 +96,7 @@ def version_description(metrics: Mapping[str, Any], thresholds: Mapping[str, flo
         f"{key} {metrics[key]:.4f}" for key in HEADLINE_KEYS if isinstance(metrics.get(key), int | float)
     )
     boxed = boxed_from_eval_metrics(metrics, list(thresholds))
-    chosen = ", ".join(
-        f"{prompt!r} {value:g}" + (f" ({SNAP_WORDS[boxed[prompt]]})" if prompt in boxed else "")
-        for prompt, value in thresholds.items()
-    )
+    chosen = ", ".join(f"{prompt!r} {describe_rule(value, boxed.get(prompt))}" for prompt, value in thresholds.items())
     where = ", ".join(f"{key} {value}" for key, value in context.items() if value)
     return f"{scores}. Val-chosen thresholds: {chosen}. {where}."
 

@@ -25,7 +25,12 @@ SNAPS = ("boxes", "arms")  # the ways a prompt's foreground can be snapped to bo
 # The shortest arm, as a fraction of the shorter side: chosen on real taping val among 0.1-0.4 with two
 # trained checkpoints (metrics/real_arms/ablation.md); 0.1 keeps most blobs, 0.3-0.4 drop short joints.
 ARM_FRACTION = 0.2
-SNAP_WORDS = {"boxes": "snapped to boxes", "arms": "snapped to a box per straight arm"}  # for messages
+SNAP_WORDS = {"boxes": "snapped to boxes", "arms": "snapped to a box per straight arm"}
+
+
+def describe_rule(threshold: float, snap: str | None = None) -> str:
+    """A prompt's rule in words, for messages: `0.2`, or `0.2 snapped to boxes`."""
+    return f"{threshold:g}" + (f" {SNAP_WORDS[snap]}" if snap is not None else "")
 
 
 def binarize(probs: np.ndarray, threshold: float, snap: str | None = None) -> np.ndarray:
