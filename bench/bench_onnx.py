@@ -6,8 +6,9 @@ exported model in a virtualenv with only onnxruntime, numpy and Pillow.
     python bench/bench_onnx.py --checkpoint models/clipseg/best --no-clean-env   # a trained checkpoint's weights
 
 The model is `scripts/run_real.sh`'s architecture and inference path: the `tiny` preset with the conv
-stem [24, 48, 96, 96] at 224 px (CLIPSeg's upsampler: `skip_decoder` None), inference mode `resize` with
-left-right and top-bottom mirrors at 256 px (3 vision passes per photo), all 5 prompts. Its weights are seeded random ones (no trained
+stem [24, 48, 96, 96] at 224 px and the skip decoder [32, 16] on its stride-8 and stride-4 maps,
+inference mode `resize` with left-right and top-bottom mirrors at 256 px (3 vision passes per photo),
+all 5 prompts. Its weights are seeded random ones (no trained
 checkpoint of the recipe is in the repo; speed does not depend on the values), or with `--checkpoint` a
 trained checkpoint of that architecture (e.g. `scripts/run_real.sh`'s), whose int8 mask agreement is the
 one that says what quantisation costs a user (`results["weights"]` names which). The photos are real
@@ -49,7 +50,7 @@ sys.path.insert(0, str(REPO / "src"))
 RESULTS = REPO / "bench" / "onnx_results.json"
 PROMPTS = ["segment crack", "segment wall crack", "segment taping area", "segment joint/tape", "segment drywall seam"]
 RECIPE = {"preset": "tiny", "conv_stem": [24, 48, 96, 96], "image_size": 224, "flips": ["horizontal", "vertical"]}
-RECIPE |= {"sizes": [256], "skip_decoder": None}
+RECIPE |= {"sizes": [256], "skip_decoder": [32, 16]}
 THREADS = 2
 RUNTIMES = ("torch", "onnx", "onnx_int8")
 REPLY = "bench-phase: "  # marks a worker's replies on its stdout

@@ -100,10 +100,9 @@ def build_trainer(args: argparse.Namespace) -> Any:
 
 
 def in_process_probes(args: argparse.Namespace) -> dict[str, Any]:
+    trainer = build_trainer(args)  # first: torch must load after the numerics' OpenMP wait policy is set
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    trainer = build_trainer(args)
 
     @contextlib.contextmanager
     def flushing():

@@ -18,9 +18,10 @@ name="${REAL_EXP_NAME:-real}"
 out="${REAL_OUT_DIR:-metrics/real}"
 
 # The recipe: the `tiny` preset trained from scratch on ~1,500 photos for 45 epochs on 2 CPU cores, with
-# a convolutional stem, photos resized to 224 px, a per-step weight average, zoom and colour jitter, and
-# mirrored views at 256 px for inference; per prompt, evaluation chooses on val its threshold and whether
-# the mask snaps to boxes (per component, or per straight arm: params.yaml evaluate.box_snapping).
+# a convolutional stem whose stride-8 and stride-4 maps feed a skip-connected decoder, photos resized to
+# 224 px, a per-step weight average, zoom and colour jitter, and mirrored views at 256 px for inference;
+# per prompt, evaluation chooses on val its threshold and whether the mask snaps to boxes (per component,
+# or per straight arm: params.yaml evaluate.box_snapping).
 # Why each setting: the generated ablation records, val only (scripts/ablate_real.py writes them from
 # the runs' own outputs; test is read once, by this run):
 #   metrics/real/ablation.md              8-epoch variants, the full-length runs, test-time views, stopped runs
@@ -29,6 +30,8 @@ out="${REAL_OUT_DIR:-metrics/real}"
 #   metrics/real_arms/ablation.md             taping masks snapped per straight arm, paired on two trained checkpoints
 # 45 epochs, not 30: the full-runs table of metrics/real/ablation.md (an unpaired comparison of one seed
 # each; the 30-epoch record is metrics/real_recipe30/).
+# The skip decoder: at 45 epochs, paired on val against the same recipe without it (metrics/real/ablation.md,
+# its last table; that run's record is metrics/real_recipe45/): taping helps, cracks neutral, same s/epoch.
 # The one setting without a row there: lr 5e-4 with BCE + Dice 1:1 (a probe at lr 1e-3 with Dice x2 stalled).
 # Two torch threads (TRAIN_THREADS), for training and (OMP_NUM_THREADS) evaluation: alone on a 2-core
 # machine they run 1.4x faster than one; on a busy machine set TRAIN_THREADS=1 (two threads then
@@ -39,6 +42,7 @@ recipe=(
   -S data.source=local
   -S model.preset=tiny
   -S 'model.conv_stem=[24,48,96,96]'
+  -S 'model.skip_decoder=[32,16]'
   -S model.image_size=224
   -S inference.mode=resize
   -S 'inference.flips=[horizontal,vertical]'
