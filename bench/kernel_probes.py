@@ -206,7 +206,6 @@ def main() -> None:
         "wall_seconds": round(time.perf_counter() - started, 1),
         "results": results,
     }
-    sys.path.insert(0, str(REPO / "src"))
     from drywall_qa.contracts.atomic import write_json_atomic
 
     write_json_atomic(args.out, document)
