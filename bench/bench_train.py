@@ -190,7 +190,7 @@ def _scratch_model(config, workdir: Path):
     from drywall_qa.contracts.manifest import prompt_order, read_manifest
     from drywall_qa.training.loop import initial_model, read_splits, set_determinism
 
-    set_determinism(config.seed, config.train.num_threads)
+    set_determinism(config.training_seed, config.train.num_threads)
     manifest = workdir / "data" / "manifest.csv"
     prompts, train_records, val_records = read_splits(config, manifest, workdir)
     model, processor = initial_model(config, None, train_records, prompt_order(prompts), lambda _: None)
@@ -270,7 +270,7 @@ def phase_naive(workdir: Path) -> dict[str, Any]:
             batch_size=config.train.batch_size,
             shuffle=True,
             collate_fn=collate_pairs,
-            generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch),
+            generator=torch.Generator().manual_seed(config.training_seed * 100_003 + epoch),
         )
         # The trainer's own epoch (`training.loop.train_epoch`: loss, backward, clipping, step, schedule); only the
         # forward differs, one full model pass per (image, prompt) pair, which is what this phase measures.
@@ -506,7 +506,7 @@ def _unit_costs(model, processor, train_records, prompts, config, device, mean, 
         std,
         augment=False,
         negative_prompts=config.train.negative_prompts,
-        seed=config.seed,
+        seed=config.training_seed,
     )
     batch = collate_pairs([train_set.load(index, 0) for index in range(min(config.train.batch_size, len(train_set)))])
     pixel_values = batch["pixel_values"].to(device)

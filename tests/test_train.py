@@ -661,3 +661,21 @@ def test_a_kill_after_an_epochs_checkpoint_loses_no_epoch_from_mlflow(tmp_path):
     assert {"best_val_miou", "best_val_dice", "final_train_loss"} <= set(run.data.metrics)
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
     assert "checkpoint/model.safetensors" in logged and "checkpoint/config.json" in logged
+
+
+def test_a_second_training_seed_retrains_differently_and_its_default_is_the_top_level_seed(tmp_path):
+    """`train.seed` draws a second run on the same split (the top-level seed also drew the split):
+    set to the top-level seed it is the default run, set to another value it trains other weights."""
+    make_manifest(tmp_path)
+
+    def trained_weights(train_seed: int | None, out: str) -> dict[str, torch.Tensor]:
+        params = tiny_params(epochs=1)
+        params["train"]["seed"] = train_seed
+        config = TrainConfig.from_params(params)
+        assert config.training_seed == (params["seed"] if train_seed is None else train_seed)
+        run_training(tmp_path, config, out=out)
+        return load_model(tmp_path / out / "models" / "best")[0].state_dict()
+
+    default, same, other = trained_weights(None, "a"), trained_weights(3, "b"), trained_weights(4, "c")
+    assert all(torch.equal(default[key], same[key]) for key in default)
+    assert not all(torch.equal(default[key], other[key]) for key in default)

@@ -143,6 +143,7 @@ class TrainParams(_Section):
     cldice_weight: Annotated[float, Field(ge=0)] = 0.0
     cldice_datasets: list[str] = ["cracks"]
     sample_prompts: bool = False
+    seed: Seed | None = None  # None: the top-level seed; another value retrains on the same split
 
     @model_validator(mode="after")
     def ranges_are_ordered(self) -> TrainParams:

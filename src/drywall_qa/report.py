@@ -441,7 +441,7 @@ def training_section(inputs: ReportInputs, params: dict) -> str:
         ("early stopping patience", train.early_stopping_patience),
         ("gradient clipping", train.grad_clip),
         ("augmentation", describe_augmentation(config)),
-        ("seed", config.seed),
+        ("seed (split / training)", f"{config.seed} / {config.training_seed}"),
     ]
     result_rows = [
         ("epochs run", t.get("epochs_run", "–")),

@@ -42,6 +42,12 @@ class TrainConfig(BaseModel):
         return validated(TrainConfig, raw, "changed config")
 
     @property
+    def training_seed(self) -> int:
+        """The seed of the weights' init, the augmentation and the shuffle: `train.seed`, else the top-level
+        seed (which also drew the split, so a second training seed keeps val and test the same)."""
+        return self.seed if self.train.seed is None else self.train.seed
+
+    @property
     def weights_init(self) -> str:
         """Where the weights start: a Hub id or folder, or `scratch:<preset>[+conv_stem][+skip_decoder]`."""
         if self.model.weights:

@@ -90,7 +90,7 @@ def train(
     started = time.perf_counter()
     output_dir, metrics_path, history_path = Path(output_dir), Path(metrics_path), Path(history_path)
     work = Path(work_dir) if work_dir is not None else output_dir
-    set_determinism(config.seed, config.train.num_threads)
+    set_determinism(config.training_seed, config.train.num_threads)
     device_ = select_device(device)
     prompts, train_records, val_records = read_splits(config, manifest_path, root)
     fingerprint = config_fingerprint(config, manifest_path)
@@ -235,7 +235,7 @@ def build_datasets(
         std,
         augment=config.train.augment,
         negative_prompts=config.train.negative_prompts,
-        seed=config.seed,
+        seed=config.training_seed,
         views=config.train.cached_views if config.uses_cache else None,
         crop=CropConfig(tuple(train.crop_scale_jitter), train.crop_foreground_prob) if native else None,
         resize_augment=ResizeAugment(tuple(train.augment_scale), train.augment_color),
@@ -250,7 +250,7 @@ def build_datasets(
         std,
         augment=False,
         negative_prompts=config.train.negative_prompts,
-        seed=config.seed,
+        seed=config.training_seed,
         **geometry,
     )
     return train_set, val_set
@@ -272,7 +272,7 @@ def epoch_batches(
         batch_size=config.train.batch_size,
         shuffle=True,
         collate_fn=collate_pairs,
-        generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch),
+        generator=torch.Generator().manual_seed(config.training_seed * 100_003 + epoch),
         **loader_options,
     )
     # disable=None: a bar on a terminal, none in CI logs (the epoch line still prints)
