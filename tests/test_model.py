@@ -339,6 +339,53 @@ def test_skip_decoder_reads_the_stem_maps_and_survives_save_and_load(tmp_path):
     torch.testing.assert_close(again, logits, rtol=0, atol=0)
 
 
+def test_side_heads_give_one_logit_map_per_coarser_level_and_leave_the_mask_as_it_was(tmp_path):
+    """Deep supervision's side heads: one logit map per level below the output (strides 16, 8, 4 for
+    widths [16, 8, 8] on a 64 px input), the same from chunked and whole decodes; the main logits do
+    not depend on them, they survive save and load, and a decoder without them refuses to give any."""
+    torch.manual_seed(0)
+    model, processor = build_model(
+        "tiny", None, 64, False, prompts=PROMPTS, conv_stem=[8, 8, 16, 16], skip_decoder=[16, 8, 8], side_heads=True
+    )
+    model.eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    input_ids, attention_mask = tokenize_prompts(processor, PROMPTS[:2])
+    with torch.no_grad():
+        paired = pair_activations(encode_images(model, pixels), torch.arange(2).repeat_interleave(2))
+        conditional = encode_prompts(model, input_ids, attention_mask).repeat(2, 1)
+        logits, sides = decode(model, paired, conditional, chunk_pairs=None, side_outputs=True)
+        chunked_logits, chunked_sides = decode(model, paired, conditional, chunk_pairs=3, side_outputs=True)
+        plain = decode(model, paired, conditional, chunk_pairs=None)
+    assert [tuple(side.shape) for side in sides] == [(4, 4, 4), (4, 8, 8), (4, 16, 16)]
+    torch.testing.assert_close(plain, logits, rtol=0, atol=0)
+    torch.testing.assert_close(chunked_logits, logits)
+    for chunked, whole in zip(chunked_sides, sides, strict=True):
+        torch.testing.assert_close(chunked, whole)
+    with torch.no_grad():
+        for head in model.decoder.transposed_convolution.side_heads:
+            head.weight.add_(1.0)
+        assert torch.equal(decode(model, paired, conditional, chunk_pairs=None), plain)
+
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["skip_decoder_side_heads"] is True
+    loaded, _ = load_model(tmp_path)
+    with torch.no_grad():
+        _, loaded_sides = decode(loaded, paired, conditional, chunk_pairs=None, side_outputs=True)
+    assert not torch.equal(loaded_sides[0], sides[0])  # the nudged heads were saved and loaded back
+
+    without, _ = build_model("tiny", None, 64, False, prompts=PROMPTS, conv_stem=[8, 8, 16, 16], skip_decoder=[16])
+    with pytest.raises(ModelConfigError, match="no side heads"), torch.no_grad():
+        decode(
+            without,
+            pair_activations(encode_images(without, pixels), torch.arange(2)),
+            conditional[:2],
+            side_outputs=True,
+        )
+    with pytest.raises(ModelConfigError, match="set model.skip_decoder"):
+        build_model("tiny", None, 64, False, prompts=PROMPTS, conv_stem=[8, 8, 16, 16], side_heads=True)
+
+
 def test_skip_decoder_needs_a_stem_with_enough_maps():
     with pytest.raises(ModelConfigError, match="set model.conv_stem"):
         build_model("tiny", None, 64, False, prompts=PROMPTS, skip_decoder=[16])

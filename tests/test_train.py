@@ -599,6 +599,22 @@ def test_training_with_cldice_on_crack_prompts_runs_and_counts_it_in_the_loss(tm
     assert first_epoch["thin"]["val_loss"] > first_epoch["plain"]["val_loss"]
 
 
+def test_deep_supervision_trains_the_side_heads_and_needs_the_skip_decoder(tmp_path):
+    make_manifest(tmp_path)
+    skip = {"conv_stem": [8, 8, 16, 16], "skip_decoder": [16, 8]}
+    first_epoch = {}
+    for name, weight in {"plain": 0.0, "deep": 1.0}.items():
+        run_training(tmp_path, tiny_config(epochs=1, deep_supervision=weight, **skip), out=name)
+        first_epoch[name] = pd.read_csv(tmp_path / name / "history.csv").iloc[0]
+    # the side logits' BCE + Dice is added to the training loss (validation scores the mask alone)
+    assert first_epoch["deep"]["train_loss"] > first_epoch["plain"]["train_loss"] + 0.3
+    model, _ = load_model(tmp_path / "deep" / "models" / "best")
+    heads = model.decoder.transposed_convolution.side_heads
+    assert model.config.skip_decoder_side_heads and len(heads) == 2
+    with pytest.raises(ParamsError, match="train.deep_supervision scores the skip decoder"):
+        tiny_config(deep_supervision=0.5)
+
+
 KILL_AFTER_EPOCH_1 = """
 import os, runpy, signal
 import drywall_qa.training.loop as train_module

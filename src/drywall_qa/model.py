@@ -238,9 +238,15 @@ class SkipUpsampler(torch.nn.Module):
     prompt, and projecting before the maps are repeated per (image, prompt) pair moves 3x fewer
     full-resolution floats than projecting each pair's copy. `forward`: `[pairs, reduce_dim, g, g]`
     tokens and the pairs' projected maps (coarsest first) -> `[pairs, 1, S, S]` logits.
+
+    `side_heads` (deep supervision, Lee et al. 2015, "Deeply-supervised nets"): a 1x1 head per coarser
+    level (the token grid's and each level's but the last) whose logits training scores too
+    (`train.deep_supervision`), so the stem's skips and the coarse maps get a direct gradient;
+    `forward(..., side_outputs=True)` also returns them, each at its own level's resolution.
+    Inference does not run them.
     """
 
-    def __init__(self, reduce_dim: int, stem_channels: Sequence[int], widths: Sequence[int]):
+    def __init__(self, reduce_dim: int, stem_channels: Sequence[int], widths: Sequence[int], side_heads: bool = False):
         super().__init__()
         widths = [int(width) for width in widths]
         skip_channels = list(stem_channels[:-1])[::-1][: len(widths)]
@@ -254,16 +260,28 @@ class SkipUpsampler(torch.nn.Module):
             for width, after in zip(widths, [*widths[1:], widths[-1]], strict=True)
         )
         self.head = torch.nn.Conv2d(widths[-1], 1, kernel_size=1)
+        # level k's input has widths[k] channels: the entry's output, then each block's but the last
+        self.side_heads = (
+            torch.nn.ModuleList(torch.nn.Conv2d(width, 1, kernel_size=1) for width in widths) if side_heads else None
+        )
 
     def project(self, maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [project(stem_map) for stem_map, project in zip(maps, self.skips, strict=True)]
 
-    def forward(self, tokens: torch.Tensor, skips: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, skips: Sequence[torch.Tensor], size: tuple[int, int], side_outputs: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        if side_outputs and self.side_heads is None:
+            raise ModelConfigError("this skip decoder has no side heads (built without deep supervision)")
         x = torch.relu(self.entry(tokens))
-        for skip, block in zip(skips, self.blocks, strict=True):
+        sides = []
+        for level, (skip, block) in enumerate(zip(skips, self.blocks, strict=True)):
+            if side_outputs:
+                sides.append(self.side_heads[level](x))
             x = torch.nn.functional.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = torch.relu(block(x + skip))
-        return torch.nn.functional.interpolate(self.head(x), size=size, mode="bilinear", align_corners=False)
+        logits = torch.nn.functional.interpolate(self.head(x), size=size, mode="bilinear", align_corners=False)
+        return (logits, sides) if side_outputs else logits
 
 
 def check_conv_stem(channels: Sequence[int], patch_size: int) -> list[int]:
@@ -287,7 +305,8 @@ def install_conv_stem(model: CLIPSegForImageSegmentation) -> None:
     widths = skip_widths(model.config)
     if widths:
         check_skip_decoder(widths, channels)
-        model.decoder.transposed_convolution = SkipUpsampler(model.config.reduce_dim, channels, widths)
+        side_heads = bool(getattr(model.config, "skip_decoder_side_heads", False))
+        model.decoder.transposed_convolution = SkipUpsampler(model.config.reduce_dim, channels, widths, side_heads)
 
 
 def skip_widths(config: CLIPSegConfig) -> list[int]:
@@ -317,6 +336,7 @@ def scratch_config(
     tokenizer: CLIPTokenizer,
     conv_stem: Sequence[int] | None = None,
     skip_decoder: Sequence[int] | None = None,
+    side_heads: bool = False,
 ) -> CLIPSegConfig:
     if preset not in PRESETS:
         raise ModelConfigError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -343,6 +363,10 @@ def scratch_config(
         spec["conv_stem_channels"] = check_conv_stem(conv_stem, patch)
     if skip_decoder:
         spec["skip_decoder_widths"] = check_skip_decoder(skip_decoder, conv_stem)
+    if side_heads:
+        if not skip_decoder:
+            raise ModelConfigError("deep supervision's side heads sit on the skip decoder: set model.skip_decoder")
+        spec["skip_decoder_side_heads"] = True
     return CLIPSegConfig(text_config=text, vision_config=vision, **spec)
 
 
@@ -357,6 +381,7 @@ def build_model(
     image_std: Sequence[float] = IMAGE_STD,
     conv_stem: Sequence[int] | None = None,
     skip_decoder: Sequence[int] | None = None,
+    side_heads: bool = False,
 ) -> tuple[CLIPSegForImageSegmentation, CLIPSegProcessor]:
     """A CLIPSeg model and its processor.
 
@@ -366,7 +391,8 @@ def build_model(
     `image_mean`/`image_std` (training passes its images' statistics). The processor resizes images
     to `image_size`. `freeze_backbone`: True trains only the decoder (CLIP encoders get
     `requires_grad=False`). `conv_stem`: channel widths of a `ConvStem` for a scratch model (a saved
-    folder keeps the stem it was trained with); `skip_decoder`: the widths of a `SkipUpsampler` on it.
+    folder keeps the stem it was trained with); `skip_decoder`: the widths of a `SkipUpsampler` on it,
+    with deep supervision's `side_heads` when asked.
     """
     if weights and skip_decoder:
         raise ModelConfigError(
@@ -381,7 +407,9 @@ def build_model(
             raise ModelConfigError(f"image_size {image_size} is not a multiple of the patch size {patch}")
     else:
         tokenizer = build_tokenizer(prompts)
-        model = CLIPSegForImageSegmentation(scratch_config(preset, image_size, tokenizer, conv_stem, skip_decoder))
+        model = CLIPSegForImageSegmentation(
+            scratch_config(preset, image_size, tokenizer, conv_stem, skip_decoder, side_heads)
+        )
         if getattr(model.config, "conv_stem_channels", None):
             install_conv_stem(model)
         reset_decoder_projections(model)
@@ -551,11 +579,14 @@ def decode(
     activations: Sequence[torch.Tensor],
     conditional: torch.Tensor,
     chunk_pairs: int | str | None = "auto",
-) -> torch.Tensor:
+    side_outputs: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """Mask logits `[N, H, W]` for N pairs: activations and conditional embeddings row-aligned.
 
     `chunk_pairs`: pairs per decoder call; "auto" picks `decoder_chunk_pairs` for the device, None decodes
     all pairs in one call. Every pair is decoded independently, so chunking changes no result.
+    `side_outputs`: also the skip decoder's side logits (`SkipUpsampler`, deep supervision), one
+    `[N, h, w]` tensor per coarser level: `(logits, sides)`.
     """
     pairs = conditional.shape[0]
     if activations[0].shape[0] != pairs:
@@ -564,25 +595,33 @@ def decode(
         chunk_pairs = decoder_chunk_pairs(model, activations[0].shape[1], activations[0].device)
     side = math.isqrt(activations[0].shape[1] - 1)  # the token grid's (square) side, class token aside
     if chunk_pairs is None or chunk_pairs >= pairs:
-        return decoder_logits(model, activations, conditional, side)
-    return torch.cat(
-        [
-            decoder_logits(
-                model,
-                [layer[start : start + chunk_pairs] for layer in activations],
-                conditional[start : start + chunk_pairs],
-                side,
-            )
-            for start in range(0, pairs, chunk_pairs)
-        ]
-    )
+        return decoder_logits(model, activations, conditional, side, side_outputs)
+    chunks = [
+        decoder_logits(
+            model,
+            [layer[start : start + chunk_pairs] for layer in activations],
+            conditional[start : start + chunk_pairs],
+            side,
+            side_outputs,
+        )
+        for start in range(0, pairs, chunk_pairs)
+    ]
+    if not side_outputs:
+        return torch.cat(chunks)
+    levels = zip(*(sides for _, sides in chunks), strict=True)  # every chunk has one side logit per level
+    return torch.cat([logits for logits, _ in chunks]), [torch.cat(level) for level in levels]
 
 
 def decoder_logits(
-    model: CLIPSegForImageSegmentation, activations: Sequence[torch.Tensor], conditional: torch.Tensor, side: int
-) -> torch.Tensor:
+    model: CLIPSegForImageSegmentation,
+    activations: Sequence[torch.Tensor],
+    conditional: torch.Tensor,
+    side: int,
+    side_outputs: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """`CLIPSegDecoder.forward` (transformers 5) with the token grid's `side` given, and the skip
-    decoder's stem maps (the activations after the extracted layers') passed to its upsampler.
+    decoder's stem maps (the activations after the extracted layers') passed to its upsampler
+    (with `side_outputs`, its side logits too: see `decode`).
 
     HF computes the side as `int(math.sqrt(tokens))`, a Python int that the ONNX exporter would freeze
     to its example's side; with it given, this is the one decoder path for training, inference and
@@ -602,6 +641,12 @@ def decoder_logits(
         output = layer(output, attention_mask=None)
     output = output[:, 1:, :].transpose(1, 2)  # drop the class token: [pairs, reduce_dim, tokens]
     output = output.reshape(conditional.shape[0], output.shape[1], side, side)
+    if side_outputs:
+        if not skips:
+            raise ModelConfigError("side outputs come from the skip decoder's side heads; this model has none")
+        pixels = side * model.config.vision_config.patch_size
+        logits, sides = decoder.transposed_convolution(output, skips, (pixels, pixels), side_outputs=True)
+        return logits.squeeze(1), [level.squeeze(1) for level in sides]
     if skips:
         pixels = side * model.config.vision_config.patch_size
         return decoder.transposed_convolution(output, skips, (pixels, pixels)).squeeze(1)

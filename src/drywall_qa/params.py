@@ -144,6 +144,7 @@ class TrainParams(_Section):
     cldice_datasets: list[str] = ["cracks"]
     sample_prompts: bool = False
     seed: Seed | None = None  # None: the top-level seed; another value retrains on the same split
+    deep_supervision: Annotated[float, Field(ge=0)] = 0.0  # > 0: needs model.skip_decoder (TrainConfig checks)
 
     @model_validator(mode="after")
     def ranges_are_ordered(self) -> TrainParams:

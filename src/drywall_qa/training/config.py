@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from drywall_qa.errors import DrywallQAError
 from drywall_qa.params import InferenceParams, LearningRate, ModelParams, Seed, TrainParams, validated
@@ -28,6 +28,15 @@ class TrainConfig(BaseModel):
     model: ModelParams
     train: TrainParams
     inference: InferenceParams = InferenceParams()
+
+    @model_validator(mode="after")
+    def deep_supervision_has_side_heads(self) -> TrainConfig:
+        if self.train.deep_supervision > 0 and not self.model.skip_decoder:
+            raise ValueError(
+                "train.deep_supervision scores the skip decoder's coarser levels: set model.skip_decoder "
+                "(and model.conv_stem), or train.deep_supervision: 0"
+            )
+        return self
 
     @classmethod
     def from_params(cls, params: dict[str, Any], source: str = "params.yaml") -> TrainConfig:

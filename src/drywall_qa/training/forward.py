@@ -49,6 +49,14 @@ class PairForward:
         self, batch: dict[str, torch.Tensor], dataset: SegmentationDataset
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`(logits, masks)` of the batch's pairs, float32 on the device, logits at the masks' size."""
+        logits, masks, _ = self.with_side_logits(batch, dataset, side_outputs=False)
+        return logits, masks
+
+    def with_side_logits(
+        self, batch: dict[str, torch.Tensor], dataset: SegmentationDataset, side_outputs: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """`(logits, masks, sides)`: as a call, plus the skip decoder's side logits (deep supervision),
+        each resized to the masks' size; `sides` is empty without `side_outputs`."""
         masks = batch["masks"].to(self.device, non_blocking=True)
         with autocast(self.device):
             if self.cache is not None:
@@ -56,10 +64,15 @@ class PairForward:
             else:
                 activations = encode_images(self.model, batch["pixel_values"].to(self.device, non_blocking=True))
             conditional = self.conditionals()[batch["prompt_index"].to(self.device)]
-            logits = decode(
-                self.model, pair_activations(activations, batch["image_index"].to(self.device)), conditional
+            decoded = decode(
+                self.model,
+                pair_activations(activations, batch["image_index"].to(self.device)),
+                conditional,
+                side_outputs=side_outputs,
             )
-        return resize_logits(logits.float(), tuple(masks.shape[-2:])), masks
+        logits, sides = decoded if side_outputs else (decoded, [])
+        size = tuple(masks.shape[-2:])
+        return resize_logits(logits.float(), size), masks, [resize_logits(level.float(), size) for level in sides]
 
     def native(
         self, batch: dict[str, torch.Tensor], inference: InferenceConfig, window: int

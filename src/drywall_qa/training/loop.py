@@ -202,6 +202,7 @@ def initial_model(
             image_std=std,
             conv_stem=config.model.conv_stem,
             skip_decoder=config.model.skip_decoder,
+            side_heads=config.train.deep_supervision > 0,
         )
     if last is None:
         model, processor = reloaded(model, processor)  # saves the same bytes as a model resumed from last/
@@ -374,9 +375,10 @@ def train_epoch(
     forward.model.train()
     trainable = optimizer.param_groups[0]["params"]  # what gradient clipping covers
     loss_sum, pairs = 0.0, 0
+    deep_supervision = config.train.deep_supervision > 0
     for batch in batches:
-        logits, masks = forward(batch, dataset)
-        loss = pair_loss(logits, masks, batch["prompt_index"], dataset, config)
+        logits, masks, sides = forward.with_side_logits(batch, dataset, side_outputs=deep_supervision)
+        loss = pair_loss(logits, masks, batch["prompt_index"], dataset, config, sides)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.train.grad_clip > 0:

@@ -6,6 +6,8 @@ Loss = bce_weight * BCE + dice_weight * soft Dice (+ cldice_weight * soft clDice
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from drywall_qa.data import SegmentationDataset
@@ -81,12 +83,17 @@ def pair_loss(
     prompt_index: torch.Tensor,
     dataset: SegmentationDataset,
     config: TrainConfig,
+    side_logits: Sequence[torch.Tensor] = (),
 ) -> torch.Tensor:
-    """`segmentation_loss` of a batch's pairs with the config's weights."""
+    """`segmentation_loss` of a batch's pairs with the config's weights, plus `train.deep_supervision`
+    x the mean BCE + Dice of the skip decoder's side logits (resized to the masks' size)."""
     thin = thin_pairs(prompt_index.to(logits.device), dataset, config)
-    return segmentation_loss(
-        logits, masks, config.train.bce_weight, config.train.dice_weight, thin, config.train.cldice_weight
-    )
+    train = config.train
+    loss = segmentation_loss(logits, masks, train.bce_weight, train.dice_weight, thin, train.cldice_weight)
+    for side in side_logits:
+        side_loss = segmentation_loss(side, masks, train.bce_weight, train.dice_weight)
+        loss = loss + train.deep_supervision / len(side_logits) * side_loss
+    return loss
 
 
 def pair_scores(logits: torch.Tensor, masks: torch.Tensor, threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
