@@ -32,6 +32,8 @@ out="${REAL_OUT_DIR:-metrics/real}"
 # each; the 30-epoch record is metrics/real_recipe30/).
 # The skip decoder: at 45 epochs, paired on val against the same recipe without it (metrics/real/ablation.md,
 # its last table; that run's record is metrics/real_recipe45/): taping helps, cracks neutral, same s/epoch.
+# A second training seed of this recipe (-S train.seed=7, metrics/real_seed2/; both seeds: metrics/real/seeds.md)
+# is neutral against either seed-42 run on val: that ablation.md's two comparisons of skip_decoder_45ep_seed7.
 # The one setting without a row there: lr 5e-4 with BCE + Dice 1:1 (a probe at lr 1e-3 with Dice x2 stalled).
 # Two torch threads (TRAIN_THREADS), for training and (OMP_NUM_THREADS) evaluation: alone on a 2-core
 # machine they run 1.4x faster than one; on a busy machine set TRAIN_THREADS=1 (two threads then
