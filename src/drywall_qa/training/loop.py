@@ -377,7 +377,10 @@ def train_epoch(
     loss_sum, pairs = 0.0, 0
     deep_supervision = config.train.deep_supervision > 0
     for batch in batches:
-        logits, masks, sides = forward.with_side_logits(batch, dataset, side_outputs=deep_supervision)
+        if deep_supervision:
+            logits, masks, sides = forward.with_side_logits(batch, dataset)
+        else:  # any forward's plain call: bench_train's naive one has no side logits
+            (logits, masks), sides = forward(batch, dataset), []
         loss = pair_loss(logits, masks, batch["prompt_index"], dataset, config, sides)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
